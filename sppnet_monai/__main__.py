@@ -1,0 +1,4 @@
+from sppnet_monai.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""``python -m sppnet_monai``: the command-line interface (a ``fire`` CLI).
+
+Each command lives in the module of its concern; this file only wires them together and turns
+:class:`~sppnet_monai.utils.SPPNetError` into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import fire
+
+from sppnet_monai.utils import SPPNetError
+
+
+class Prepare:
+    """Turn a dataset into ``DST/images``, ``DST/labels`` and a MONAI ``DST/datalist.json``."""
+
+    def monuseg(self, src: str, dst: str, test_src: str | None = None, val_fraction: float = 0.2, seed: int = 0):
+        """MoNuSeg-2018 as distributed: tif + XML polygons, or tif + binary masks."""
+        from sppnet_monai.data.prepare import prepare_monuseg
+
+        return _report(prepare_monuseg(src, dst, test_src=test_src, val_fraction=val_fraction, seed=seed))
+
+    def folder(self, src: str, dst: str, val_fraction: float = 0.2, seed: int = 0):
+        """A generic ``SRC/images`` + ``SRC/masks`` folder (binary or instance masks)."""
+        from sppnet_monai.data.prepare import prepare_folder
+
+        return _report(prepare_folder(src, dst, val_fraction=val_fraction, seed=seed))
+
+    def demo(self, dst: str, num_images: int = 12, image_size: int = 256, seed: int = 0):
+        """A deterministic synthetic H&E-like dataset, the bundle's embedded default."""
+        from sppnet_monai.data.prepare import prepare_demo
+
+        return _report(prepare_demo(dst, num_images=num_images, image_size=image_size, seed=seed))
+
+
+def _report(summary) -> None:
+    print(json.dumps(summary, indent=2, default=str))
+
+
+class Commands:
+    """SPPNet for nuclei segmentation: network info and data preparation."""
+
+    def __init__(self) -> None:
+        self.prepare = Prepare()
+
+    def info(self, image_size: int = 1024, fusion: str = "add") -> None:
+        """Print parameter count and multiply-accumulates (GMACs) of SPPNet at ``image_size`` as JSON."""
+        from sppnet_monai.networks.complexity import network_info
+        from sppnet_monai.networks.sppnet import SPPNet
+
+        net = SPPNet(image_size=image_size, fusion=fusion)
+        _report(network_info(net, image_size=image_size))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        fire.Fire(Commands, command=argv, name="python -m sppnet_monai")
+    except SPPNetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,109 @@
+"""Reading source images and masks in whatever form they come, writing PNG and JSON atomically.
+
+Every reader raises :class:`~sppnet_monai.utils.SPPNetError` naming the file when it cannot be
+used, so a caller can turn it into a warning and carry on with the rest of the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sppnet_monai.utils import SPPNetError, atomic_path
+
+__all__ = ["read_mask", "read_rgb", "to_rgb_uint8", "write_json", "write_png"]
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+# PIL modes that are not plain intensities: convert them before taking the pixel values.
+_PIL_COLOUR_MODES = {"P": "RGBA", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+
+
+def _read_array(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
+    """Pixel values of ``path`` as ``(H, W)`` or ``(H, W, C)``, any dtype.
+
+    Pillow first (it decodes the LZW tifs of MoNuSeg without extra codecs), tifffile as the
+    fallback for tifs Pillow cannot open (e.g. 16-bit RGB).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in colour_modes:
+                img = img.convert(colour_modes[img.mode])
+            array = np.asarray(img)
+    except Exception as pil_err:  # Pillow raises many types for broken files
+        if path.suffix.lower() not in TIFF_SUFFIXES:
+            raise SPPNetError(f"{path}: cannot read image ({pil_err})") from pil_err
+        try:
+            import tifffile
+
+            array = tifffile.imread(path)
+        except Exception as tif_err:
+            raise SPPNetError(f"{path}: cannot read image ({tif_err})") from tif_err
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar (C, H, W) tifs
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise SPPNetError(f"{path}: expected a 2D image, got pixel array of shape {array.shape}")
+    return array
+
+
+def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    """``(H, W)``, ``(H, W, 1|2|3|4)`` of any dtype -> ``(H, W, 3)`` uint8.
+
+    16-bit and other integer types are scaled by their full range (65535 -> 255); floats are
+    taken as ``[0, 1]`` when their maximum is at most 1, else as ``[0, 255]``. Alpha is
+    composited over white, the colour of an empty slide.
+    """
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        info = np.iinfo(array.dtype)
+        array = np.clip(array.astype(np.float64), 0, info.max) * (255.0 / info.max)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = np.nan_to_num(array.astype(np.float64))
+        array = array * 255.0 if array.max() <= 1.0 else array
+    array = np.clip(array.astype(np.float64), 0, 255)
+    if array.ndim == 2:
+        array = array[..., None]
+    channels = array.shape[-1]
+    if channels in (2, 4):  # grey + alpha, RGB + alpha
+        alpha = array[..., -1:] / 255.0
+        array = array[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.shape[-1] != 3:
+        raise ValueError(f"cannot convert an image with {channels} channels to RGB")
+    return np.round(array).astype(np.uint8)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` uint8 RGB (see :func:`to_rgb_uint8` for the conversions)."""
+    path = Path(path)
+    array = _read_array(path, _PIL_COLOUR_MODES)
+    try:
+        return to_rgb_uint8(array)
+    except ValueError as err:
+        raise SPPNetError(f"{path}: {err}") from err
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file as ``(H, W)`` or ``(H, W, C)`` pixel values, dtype as stored.
+
+    Palette PNGs keep their palette indices: those are the labels.
+    """
+    return _read_array(Path(path), {"CMYK": "RGB", "YCbCr": "RGB"})
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``(H, W, 3)`` uint8 RGB or ``(H, W)`` uint8/uint16 as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")

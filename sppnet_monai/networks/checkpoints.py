@@ -1,0 +1,166 @@
+"""Loading MobileSAM, SAM and SPPNet checkpoints into :class:`~sppnet_monai.networks.SPPNet`.
+
+Keys are mapped explicitly, and every load is checked: a key of the checkpoint that has no place
+in SPPNet, or a part of SPPNet that the checkpoint should fill but does not, is an error naming
+the keys, never a silent partial load.
+
+- MobileSAM (``mobile_sam.pt``): image encoder, neck, prompt encoder and mask decoder. MobileSAM's
+  TinyViT names (``layers.i``, ``Conv2d_BN.c``, patch merging at the end of a stage) are mapped to
+  timm's (``stages.i``, ``ConvNorm.conv``, patch merging at the start of the next stage). Its unused
+  classification head (``norm_head``, ``head``) is dropped.
+- SAM (``sam_vit_{b,l,h}*.pth``): prompt encoder and mask decoder only (same shapes for all three);
+  the ViT encoder has no counterpart and is left out, the Tiny-ViT encoder keeps its weights.
+- SPPNet: a state dict saved by this project (bare, as the bundle's ``models/model.pt``, or inside a
+  training checkpoint under ``network``/``model``/``state_dict``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Dict, Iterable, List, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from sppnet_monai.utils import SPPNetError
+
+__all__ = ["CHECKPOINT_KINDS", "detect_checkpoint_kind", "load_checkpoint", "read_state_dict"]
+
+StateDict = Dict[str, torch.Tensor]
+
+# (pattern, replacement) applied in order to MobileSAM image-encoder keys (after "image_encoder.").
+_MOBILE_SAM_ENCODER_RULES: List[Tuple[str, Callable[[re.Match], str] | str]] = [
+    (r"^patch_embed\.seq\.0\.", "patch_embed.conv1."),
+    (r"^patch_embed\.seq\.2\.", "patch_embed.conv2."),
+    # MobileSAM merges patches at the end of stage i, timm at the start of stage i + 1.
+    (r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample."),
+    (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+    (r"\.c\.weight$", ".conv.weight"),
+]
+# Keys of MobileSAM's TinyViT that SAM's layout never uses.
+_MOBILE_SAM_UNUSED = re.compile(r"^image_encoder\.(norm_head|head)\.")
+# Keys only SPPNet has: a MobileSAM or SAM checkpoint leaves them at their initial values.
+_SPPNET_ONLY = re.compile(r"^(llsie\.|mask_decoder\.fusion_proj\.)")
+_SAM_PARTS = ("prompt_encoder.", "mask_decoder.")
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Tensors of a checkpoint file, unwrapped from a training checkpoint if needed."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SPPNetError(f"checkpoint {path} does not exist.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for unreadable files
+        raise SPPNetError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from err
+    for wrapper in ("network", "model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SPPNetError(f"checkpoint {path} holds no state dict of tensors.")
+    # DataParallel / DistributedDataParallel save their module under "module.".
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def detect_checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``"mobile_sam"``, ``"sam"`` or ``"sppnet"`` from the keys; ``"unknown"`` otherwise."""
+    if any(k.startswith("image_encoder.stages.") for k in state_dict):
+        return "sppnet"
+    if any(k.startswith("image_encoder.layers.") for k in state_dict):
+        return "mobile_sam"
+    if any(k.startswith("image_encoder.blocks.") for k in state_dict) or any(
+        k.startswith(_SAM_PARTS) for k in state_dict
+    ):
+        return "sam"
+    return "unknown"
+
+
+def map_mobile_sam_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """MobileSAM keys -> SPPNet keys (the classification head dropped)."""
+    mapped = {}
+    for key, value in state_dict.items():
+        if _MOBILE_SAM_UNUSED.match(key):
+            continue
+        if key.startswith("image_encoder."):
+            sub = key[len("image_encoder.") :]
+            for pattern, replacement in _MOBILE_SAM_ENCODER_RULES:
+                sub = re.sub(pattern, replacement, sub)
+            key = "image_encoder." + sub
+        mapped[key] = value
+    return mapped
+
+
+def map_sam_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """SAM keys -> SPPNet keys: the prompt encoder and mask decoder; SAM's ViT encoder is left out."""
+    return {k: v for k, v in state_dict.items() if k.startswith(_SAM_PARTS)}
+
+
+CHECKPOINT_KINDS: Dict[str, Tuple[Callable[[Mapping[str, torch.Tensor]], StateDict], Tuple[str, ...]]] = {
+    # kind: (key mapping, prefixes of SPPNet that the checkpoint must fill completely)
+    "mobile_sam": (map_mobile_sam_keys, ("image_encoder.",) + _SAM_PARTS),
+    "sam": (map_sam_keys, _SAM_PARTS),
+    "sppnet": (dict, ("",)),
+}
+
+
+def load_checkpoint(net: nn.Module, path: str | os.PathLike, kind: str = "auto") -> str:
+    """Load a MobileSAM, SAM or SPPNet checkpoint into ``net`` (an :class:`SPPNet`) in place.
+
+    Args:
+        path: the checkpoint file.
+        kind: ``"auto"`` (from the keys), ``"mobile_sam"``, ``"sam"`` or ``"sppnet"``.
+
+    Returns:
+        The kind that was loaded.
+
+    Raises:
+        SPPNetError: unreadable file, a checkpoint of another architecture, missing, unexpected or
+            mis-shaped keys; ``net`` is left unchanged.
+    """
+    source = read_state_dict(path)
+    if kind == "auto":
+        kind = detect_checkpoint_kind(source)
+    if kind not in CHECKPOINT_KINDS:
+        first = ", ".join(list(source)[:3])
+        raise SPPNetError(
+            f"checkpoint {path} is not a MobileSAM, SAM or SPPNet checkpoint (kind {kind!r}; first keys: {first})."
+        )
+    mapping, filled_prefixes = CHECKPOINT_KINDS[kind]
+    mapped = mapping(source)
+    target = net.state_dict()
+    expected = {
+        k for k in target if k.startswith(filled_prefixes) and not (kind != "sppnet" and _SPPNET_ONLY.match(k))
+    }
+    _check_keys(path, kind, mapped, target, expected)
+    net.load_state_dict(mapped, strict=False)
+    return kind
+
+
+def _check_keys(
+    path: str | os.PathLike,
+    kind: str,
+    mapped: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    expected: Iterable[str],
+) -> None:
+    expected = set(expected)
+    unexpected = sorted(set(mapped) - set(target))
+    missing = sorted(expected - set(mapped))
+    mismatched = sorted(
+        f"{k} {tuple(mapped[k].shape)} vs {tuple(target[k].shape)}"
+        for k in set(mapped) & set(target)
+        if mapped[k].shape != target[k].shape
+    )
+    problems = [
+        f"{label} ({len(keys)}): {_head(keys)}"
+        for label, keys in (("unexpected keys", unexpected), ("missing keys", missing), ("shape mismatch", mismatched))
+        if keys
+    ]
+    if problems:
+        raise SPPNetError(f"{kind} checkpoint {path} does not fit this SPPNet: " + "; ".join(problems))
+
+
+def _head(items: List[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

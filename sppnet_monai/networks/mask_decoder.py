@@ -1,0 +1,103 @@
+"""SAM's mask decoder with SPPNet's low-level feature fusion and batched image embeddings."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from segment_anything.modeling import MaskDecoder
+from torch import nn
+
+__all__ = ["FUSION_MODES", "SPPMaskDecoder"]
+
+FUSION_MODES = ("add", "concat", "none")
+
+
+def _expand_to(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Broadcast a per-image tensor to ``batch`` prompts: its batch must be ``batch`` or 1."""
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] != 1:
+        raise ValueError(f"{name} has batch {x.shape[0]} but there are {batch} prompts; expected {batch} or 1.")
+    return x.expand(batch, *x.shape[1:])
+
+
+class SPPMaskDecoder(MaskDecoder):
+    """segment-anything's :class:`MaskDecoder`, fusing LLSIE features into its upscaled embedding.
+
+    Same parameters and state-dict keys as SAM's decoder (``fusion="concat"`` adds ``fusion_proj``),
+    so SAM and MobileSAM weights load unchanged. Two differences in ``predict_masks``:
+
+    - image embeddings of batch B pair with B prompts (SAM repeats each embedding for every prompt,
+      which gives B*B masks for a training batch); an embedding of batch 1 serves any number of
+      prompts, as in SAM's predictor;
+    - ``low_level_features`` (B or 1, transformer_dim / 8, 4h, 4w) from LLSIE are fused with the
+      upscaled embedding before the hypernetwork product: ``"add"`` as in the released code,
+      ``"concat"`` + 1x1 convolution as in the paper's text, ``"none"`` for the ablation without LLSIE.
+    """
+
+    def __init__(self, *, fusion: str = "add", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if fusion not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}.")
+        self.fusion = fusion
+        if fusion == "concat":
+            mask_chans = self.transformer_dim // 8
+            self.fusion_proj = nn.Conv2d(2 * mask_chans, mask_chans, kernel_size=1)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        low_level_features: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Masks ``(P, M, 4h, 4w)`` logits and IoU predictions ``(P, M)``; M = 1, or 3 with ``multimask_output``."""
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, low_level_features
+        )
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, mask_slice], iou_pred[:, mask_slice]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        low_level_features: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        num_prompts = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(num_prompts, -1, -1)
+        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+
+        src = _expand_to(image_embeddings, num_prompts, "image_embeddings") + dense_prompt_embeddings
+        pos_src = _expand_to(image_pe, num_prompts, "image_pe")
+        b, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
+
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        upscaled_embedding = self._fuse(self.output_upscaling(src), low_level_features)
+        hyper_in_list: List[torch.Tensor] = [
+            mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)
+        ]
+        hyper_in = torch.stack(hyper_in_list, dim=1)
+        b, c, h, w = upscaled_embedding.shape
+        masks = (hyper_in @ upscaled_embedding.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        return masks, self.iou_prediction_head(iou_token_out)
+
+    def _fuse(self, upscaled: torch.Tensor, low_level: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.fusion == "none":
+            return upscaled
+        if low_level is None:
+            raise ValueError(f"fusion={self.fusion!r} needs the LLSIE features (low_level_features).")
+        low_level = _expand_to(low_level, upscaled.shape[0], "low_level_features")
+        if self.fusion == "add":
+            return upscaled + low_level
+        return self.fusion_proj(torch.cat([upscaled, low_level], dim=1))

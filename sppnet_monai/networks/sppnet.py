@@ -1,0 +1,229 @@
+"""SPPNet: Tiny-ViT image encoder + SAM prompt encoder and mask decoder + LLSIE side branch.
+
+Xu et al., "SPPNet: A Single-Point Prompt Network for Nuclei Image Segmentation", MLMI 2023.
+
+Coordinates of clicks are ``(x, y) = (column, row)`` in pixels of the input image, as in SAM.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import PromptEncoder, TwoWayTransformer
+from torch import nn
+
+from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
+from sppnet_monai.networks.llsie import LLSIE
+from sppnet_monai.networks.mask_decoder import SPPMaskDecoder
+
+__all__ = ["ImageFeatures", "SPPNet", "SPPNetOutput", "clicks_from_guidance"]
+
+# Point labels of SAM's prompt encoder: -1 marks a padding point ("no click").
+POSITIVE, NEGATIVE, NO_POINT = 1, 0, -1
+
+
+class ImageFeatures(NamedTuple):
+    """What the encoders compute once per image, reusable for any number of prompts.
+
+    embeddings: ``(B, 256, S/16, S/16)`` Tiny-ViT + neck output.
+    low_level: ``(B, 32, S/4, S/4)`` LLSIE features, or None without LLSIE.
+    input_size: ``(H, W)`` of the image before padding to ``S x S``.
+    """
+
+    embeddings: torch.Tensor
+    low_level: Optional[torch.Tensor]
+    input_size: Tuple[int, int]
+
+
+class SPPNetOutput(NamedTuple):
+    """masks: ``(P, M, H, W)`` logits at input size; iou_predictions: ``(P, M)``;
+    low_res_masks: ``(P, M, S/4, S/4)`` logits (the paper's 256x256 output at S = 1024)."""
+
+    masks: torch.Tensor
+    iou_predictions: torch.Tensor
+    low_res_masks: torch.Tensor
+
+
+def clicks_from_guidance(click_maps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Read one click per guidance map: the position of its maximum, absent if the map is all <= 0.
+
+    Args:
+        click_maps: ``(B, 2, H, W)``: positive-click map, then negative-click map.
+
+    Returns:
+        point_coords ``(B, 2, 2)`` float32 ``(x, y)`` and point_labels ``(B, 2)``: 1 for the positive
+        click, 0 for the negative one, -1 (SAM's padding point) where a map holds no click. With
+        several clicks in one map, the first in scan order is used.
+    """
+    batch, num_maps, _, width = click_maps.shape
+    peak, index = click_maps.flatten(2).max(dim=2)
+    rows = torch.div(index, width, rounding_mode="floor")
+    point_coords = torch.stack((index % width, rows), dim=-1).float()
+    map_labels = torch.tensor([POSITIVE, NEGATIVE], device=click_maps.device)[:num_maps]
+    point_labels = torch.where(peak > 0, map_labels.expand(batch, -1), torch.full_like(index, NO_POINT))
+    return point_coords, point_labels
+
+
+class SPPNet(nn.Module):
+    """Single-point prompt network for nuclei segmentation.
+
+    One positive click on a nucleus and one background click in, the semantic mask of all nuclei
+    in the image out. Three ways to call it:
+
+    - ``net(image)`` with ``image`` ``(B, 5, H, W)``: SAM-normalised RGB, a positive-click map and a
+      negative-click map (see :func:`clicks_from_guidance`); returns mask logits ``(B, 1, H, W)``.
+      This is the call MONAI's inferers, ``verify_net_in_out``, TorchScript export and MONAI Label use.
+    - ``net.predict(rgb, point_coords, point_labels)`` with explicit SAM-style points.
+    - ``features = net.encode(rgb)`` once, then ``net.decode(features, coords, labels)`` for any
+      number of prompts against the cached embedding (SAM's predictor pattern).
+
+    Images up to ``image_size`` on each side are padded at the bottom and right to
+    ``image_size x image_size`` (as SAM does) and the masks cropped back; larger images must be
+    tiled (e.g. ``monai.inferers.SlidingWindowInferer``) or resized.
+
+    Args:
+        image_size: encoder input size S (1024 in the paper); a multiple of 16, at least 64.
+        fusion: how LLSIE features join the decoder: ``"add"`` (released code), ``"concat"``
+            (paper text: LLSIE at S/2, 2x2 max pooling, concatenation, 1x1 conv) or ``"none"``.
+        encoder_name: timm TinyViT variant of the image encoder.
+        embed_dim: channels of the image embedding and prompt tokens (SAM: 256).
+        multimask_output: return SAM's three candidate masks instead of the single one.
+        drop_path_rate: stochastic depth in the image encoder.
+    """
+
+    in_channels = 5
+
+    def __init__(
+        self,
+        image_size: int = 1024,
+        fusion: str = "add",
+        encoder_name: str = "tiny_vit_5m_224",
+        embed_dim: int = 256,
+        multimask_output: bool = False,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        stride = TinyViTImageEncoder.stride
+        if image_size % stride or image_size < 4 * stride:
+            raise ValueError(f"image_size must be a multiple of {stride} and at least {4 * stride}, got {image_size}.")
+        self.image_size = image_size
+        self.multimask_output = multimask_output
+        embedding_size = image_size // stride
+        self.image_encoder = TinyViTImageEncoder(encoder_name, out_chans=embed_dim, drop_path_rate=drop_path_rate)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        )
+        self.mask_decoder = SPPMaskDecoder(
+            fusion=fusion,
+            transformer_dim=embed_dim,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        )
+        # The decoder's masks are at S/4; LLSIE must match, directly ("add") or after 2x2 pooling ("concat").
+        self.mask_size = 4 * embedding_size
+        self.llsie: Optional[nn.Module] = None
+        if fusion != "none":
+            pool = fusion == "concat"
+            self.llsie_input_size = self.mask_size * (2 if pool else 1)
+            self.llsie = nn.Sequential(LLSIE(3, embed_dim // 8), nn.MaxPool2d(2) if pool else nn.Identity())
+
+    @property
+    def fusion(self) -> str:
+        return self.mask_decoder.fusion
+
+    def encode(self, image: torch.Tensor) -> ImageFeatures:
+        """Image embedding and LLSIE features of ``image`` ``(B, 3, H, W)``, SAM-normalised, H, W <= S."""
+        _check_image(image, 3, self.image_size)
+        height, width = image.shape[-2:]
+        padded = F.pad(image, (0, self.image_size - width, 0, self.image_size - height))
+        embeddings = self.image_encoder(padded)
+        low_level = None
+        if self.llsie is not None:
+            size = (self.llsie_input_size, self.llsie_input_size)
+            low_level = self.llsie(F.interpolate(padded, size=size, mode="bilinear", align_corners=False, antialias=True))
+        return ImageFeatures(embeddings, low_level, (height, width))
+
+    def decode(
+        self,
+        features: ImageFeatures,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        multimask_output: Optional[bool] = None,
+    ) -> SPPNetOutput:
+        """Masks for P prompts against cached ``features`` (of batch P, or 1 for all prompts).
+
+        Args:
+            point_coords: ``(P, N, 2)`` pixel ``(x, y)`` in the input image.
+            point_labels: ``(P, N)``: 1 positive, 0 negative, -1 padding (ignored).
+        """
+        _check_points(point_coords, point_labels, features.input_size)
+        return self._decode(features, point_coords, point_labels, multimask_output)
+
+    def predict(
+        self,
+        image: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        multimask_output: Optional[bool] = None,
+    ) -> SPPNetOutput:
+        """Encode ``image`` ``(B, 3, H, W)`` and decode one prompt per image (``point_coords`` ``(B, N, 2)``)."""
+        return self.decode(self.encode(image), point_coords, point_labels, multimask_output)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``(B, 1, H, W)`` (``(B, 3, H, W)`` with ``multimask_output``) of ``image`` ``(B, 5, H, W)``."""
+        _check_image(image, self.in_channels, self.image_size)
+        point_coords, point_labels = clicks_from_guidance(image[:, 3:5])
+        return self._decode(self.encode(image[:, :3]), point_coords, point_labels, None).masks
+
+    def _decode(
+        self,
+        features: ImageFeatures,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        multimask_output: Optional[bool],
+    ) -> SPPNetOutput:
+        multimask = self.multimask_output if multimask_output is None else multimask_output
+        sparse, dense = self.prompt_encoder(points=(point_coords.float(), point_labels), boxes=None, masks=None)
+        low_res_masks, iou_predictions = self.mask_decoder(
+            features.embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask, features.low_level
+        )
+        masks = F.interpolate(low_res_masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        height, width = features.input_size
+        return SPPNetOutput(masks[..., :height, :width], iou_predictions, low_res_masks)
+
+
+def _check_image(image: torch.Tensor, channels: int, max_size: int) -> None:
+    if image.ndim != 4 or image.shape[1] != channels:
+        raise ValueError(f"SPPNet expects an image of shape (B, {channels}, H, W), got {tuple(image.shape)}.")
+    if not image.is_floating_point():
+        raise TypeError(f"SPPNet expects a floating-point (SAM-normalised) image, got {image.dtype}.")
+    height, width = image.shape[-2:]
+    if height > max_size or width > max_size:
+        raise ValueError(
+            f"image is {height}x{width} but the network input is {max_size}x{max_size}: tile it "
+            "(monai.inferers.SlidingWindowInferer) or resize it."
+        )
+
+
+def _check_points(point_coords: torch.Tensor, point_labels: torch.Tensor, input_size: Tuple[int, int]) -> None:
+    if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
+        raise ValueError(
+            f"point_coords must be (P, N, 2) and point_labels (P, N), got {tuple(point_coords.shape)} "
+            f"and {tuple(point_labels.shape)}."
+        )
+    if torch.jit.is_tracing():
+        return
+    height, width = input_size
+    clicked = point_labels != NO_POINT
+    x, y = point_coords[..., 0], point_coords[..., 1]
+    outside = clicked & ((x < 0) | (x >= width) | (y < 0) | (y >= height))
+    if outside.any():
+        bad = point_coords[outside][0].tolist()
+        raise ValueError(f"click (x={bad[0]:g}, y={bad[1]:g}) lies outside the {width}x{height} (WxH) image.")

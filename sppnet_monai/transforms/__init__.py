@@ -1,0 +1,12 @@
+"""MONAI dictionary transforms for SPPNet: RGB conversion, single-point prompt sampling, click channels.
+
+Conventions: images are channel-first (C, H, W) with H = rows and W = columns (``LoadImaged(...,
+reader="PILReader", reverse_indexing=False, ensure_channel_first=True)``); clicks are (x, y) = (column, row)
+pairs in ``d["foreground"]`` / ``d["background"]``; the network input is (5, H, W): SAM-normalised RGB
+(``NormalizeIntensityd``), then the positive and the negative click maps.
+"""
+
+from .image import EnsureRGBd
+from .prompt import AddClickGuidanceChannelsd, CenterNeighborhoodPointSampled, nucleus_center
+
+__all__ = ["AddClickGuidanceChannelsd", "CenterNeighborhoodPointSampled", "EnsureRGBd", "nucleus_center"]

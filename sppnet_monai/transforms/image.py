@@ -1,0 +1,92 @@
+"""Image-side dictionary transforms: bring any loaded image to 3-channel RGB in 0-255."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type, convert_to_numpy
+
+__all__ = ["EnsureRGBd"]
+
+_MAX_8BIT = 255.0
+_MAX_16BIT = 65535.0
+
+
+class EnsureRGBd(MapTransform):
+    """Make each image a (3, H, W) float32 RGB array with intensities in 0-255.
+
+    Input: a channel-first (C, H, W) numpy array, torch tensor or MetaTensor, as given by
+    ``LoadImaged(..., reader="PILReader", reverse_indexing=False, ensure_channel_first=True)``.
+    Output: (3, H, W) float32 of the same type and device (MetaTensor metadata is kept).
+
+    Channels:
+
+    - 1 (grayscale): repeated to 3 channels.
+    - 2 (grayscale + alpha): the alpha channel is dropped, the gray channel is repeated.
+    - 3 (RGB): kept.
+    - 4 (RGBA): the alpha channel is dropped. The stored RGB values are kept as they are; transparent
+      pixels are not composited onto any background colour.
+
+    Intensities, decided once per image on the kept channels:
+
+    - ``bool``: multiplied by 255.
+    - ``uint16`` (16-bit): divided by 257, so 65535 becomes 255.
+    - other integer dtypes: kept if the maximum is at most 255, else treated as 16-bit (divided by 257).
+    - floating point: multiplied by 255 if the maximum is at most 1 (an image in [0, 1]); kept if the
+      maximum is in (1, 255] (8-bit data cast to float: ``LoadImaged`` returns float32 by default);
+      divided by 257 if the maximum is in (255, 65535] (a 16-bit PNG loaded as float32 by ``LoadImaged``).
+      The [0, 1] rule means an 8-bit image whose brightest pixel is 0 or 1 is also scaled by 255.
+
+    Raises:
+        ValueError: naming the key and the shape, for an array that is not (C, H, W) with C in 1..4,
+            or whose values are negative, not finite, or above 65535.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._to_rgb(d[key], key)
+        return d
+
+    @staticmethod
+    def _to_rgb(img: NdarrayOrTensor, key: Hashable) -> NdarrayOrTensor:
+        arr = convert_to_numpy(img)
+        shape = tuple(arr.shape)
+        if arr.ndim != 3 or not 1 <= shape[0] <= 4:
+            raise ValueError(
+                f"EnsureRGBd: '{key}' has shape {shape}; expected a channel-first (C, H, W) image with C = 1 "
+                "(gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA)."
+            )
+        kept = arr[:1] if shape[0] <= 2 else arr[:3]
+        multiplier, divisor = 1.0, 1.0
+        if kept.dtype == np.bool_:
+            multiplier = _MAX_8BIT
+        else:
+            if not np.issubdtype(kept.dtype, np.number) or np.issubdtype(kept.dtype, np.complexfloating):
+                raise ValueError(f"EnsureRGBd: '{key}' with shape {shape} has unsupported dtype {kept.dtype}.")
+            lo, hi = (float(kept.min()), float(kept.max())) if kept.size else (0.0, 0.0)
+            if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > _MAX_16BIT:
+                raise ValueError(
+                    f"EnsureRGBd: '{key}' with shape {shape} has values in [{lo:g}, {hi:g}]; expected finite "
+                    "intensities in [0, 1], [0, 255] or [0, 65535] (apply EnsureRGBd before any normalisation)."
+                )
+            if kept.dtype == np.uint16 or hi > _MAX_8BIT:
+                divisor = _MAX_16BIT / _MAX_8BIT  # 257: 65535 -> 255
+            elif np.issubdtype(kept.dtype, np.floating) and hi <= 1.0:
+                multiplier = _MAX_8BIT
+        rgb = kept.astype(np.float32)
+        if multiplier != 1.0:
+            rgb *= np.float32(multiplier)
+        if divisor != 1.0:
+            rgb /= np.float32(divisor)
+        if rgb.shape[0] == 1:
+            rgb = np.repeat(rgb, 3, axis=0)
+        out, *_ = convert_to_dst_type(np.ascontiguousarray(rgb), img, dtype=np.float32)
+        return out

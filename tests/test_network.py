@@ -1,0 +1,162 @@
+"""SPPNet network: shapes, the three call paths, the paper's size, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sppnet_monai.networks import SPPNet, clicks_from_guidance
+
+
+def _image(batch: int, height: int, width: int, clicks=((10, 20), (3, 5))) -> torch.Tensor:
+    """(B, 5, H, W) random normalised image with a positive click (x, y) and a negative click (x, y)."""
+    image = torch.zeros(batch, 5, height, width)
+    image[:, :3] = torch.randn(batch, 3, height, width)
+    (px, py), (nx, ny) = clicks
+    image[:, 3, py, px] = 1.0
+    image[:, 4, ny, nx] = 1.0
+    return image
+
+
+@pytest.fixture(scope="module")
+def net() -> SPPNet:
+    torch.manual_seed(0)
+    return SPPNet(image_size=64).eval()
+
+
+def test_info_cli_reports_paper_size():
+    """Table 1 of the paper: 9.79M parameters and 39.90 GMACs at 1024x1024."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sppnet_monai", "info", "--image_size", "1024"],
+        capture_output=True, text=True, check=True,
+    )
+    info = json.loads(out.stdout)
+    assert abs(info["parameters"] / 9.79e6 - 1) <= 0.01, info
+    assert abs(info["gmacs"] / 39.90 - 1) <= 0.05, info
+
+
+def test_encoder_keeps_stride_16():
+    encoder = SPPNet(image_size=128).image_encoder
+    assert encoder(torch.randn(1, 3, 128, 128)).shape == (1, 256, 8, 8)
+
+
+def test_clicks_from_guidance_reads_x_as_column():
+    maps = torch.zeros(2, 2, 6, 9)
+    maps[0, 0, 4, 7] = 1.0  # row 4, column 7 -> (x=7, y=4)
+    maps[0, 1, 1, 2] = 1.0
+    maps[1, 0, 5, 8] = 1.0  # second image: no negative click
+    coords, labels = clicks_from_guidance(maps)
+    assert coords[0].tolist() == [[7.0, 4.0], [2.0, 1.0]]
+    assert labels.tolist() == [[1, 0], [1, -1]]
+    assert coords[1, 0].tolist() == [8.0, 5.0]
+
+
+@pytest.mark.parametrize("fusion", ["add", "concat", "none"])
+def test_forward_shape_and_gradients(fusion):
+    net = SPPNet(image_size=64, fusion=fusion)
+    out = net(_image(2, 64, 64))
+    assert out.shape == (2, 1, 64, 64)
+    out.mean().backward()
+    assert net.image_encoder.patch_embed.conv1.conv.weight.grad.abs().sum() > 0
+    if fusion != "none":
+        assert net.llsie[0].head[0].weight.grad.abs().sum() > 0
+
+
+def test_smaller_image_is_padded_and_cropped(net):
+    image = _image(1, 50, 60)
+    out = net(image)
+    assert out.shape == (1, 1, 50, 60)
+    padded = torch.zeros(1, 5, 64, 64)
+    padded[..., :50, :60] = image
+    torch.testing.assert_close(out, net(padded)[..., :50, :60])
+
+
+def test_three_call_paths_agree(net):
+    image = _image(1, 64, 64, clicks=((40, 12), (5, 60)))
+    with torch.no_grad():
+        from_maps = net(image)
+        coords = torch.tensor([[[40.0, 12.0], [5.0, 60.0]]])
+        labels = torch.tensor([[1, 0]])
+        explicit = net.predict(image[:, :3], coords, labels).masks
+        torch.testing.assert_close(from_maps, explicit)
+
+        # Several prompts decoded in one batch against one cached embedding.
+        features = net.encode(image[:, :3])
+        many = torch.tensor([[[40.0, 12.0], [5.0, 60.0]], [[20.0, 30.0], [5.0, 60.0]], [[1.0, 1.0], [0.0, 0.0]]])
+        batched = net.decode(features, many, labels.expand(3, -1)).masks
+        assert batched.shape == (3, 1, 64, 64)
+        torch.testing.assert_close(batched[:1], explicit, atol=1e-5, rtol=1e-5)
+        single = net.decode(features, many[1:2], labels).masks
+        torch.testing.assert_close(batched[1:2], single, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_pairs_each_image_with_its_own_prompt(net):
+    """SAM's decoder repeats every embedding for every prompt (B*B masks); SPPNet pairs them."""
+    images = torch.cat([_image(1, 64, 64, ((10, 10), (50, 50))), _image(1, 64, 64, ((30, 40), (2, 2)))])
+    with torch.no_grad():
+        batched = net(images)
+        singles = torch.cat([net(images[:1]), net(images[1:])])
+    assert batched.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_click_is_a_padding_point(net):
+    image = _image(1, 64, 64)
+    image[:, 4] = 0.0  # no background click
+    with torch.no_grad():
+        out = net(image)
+    assert torch.isfinite(out).all()
+
+
+def test_multimask_output():
+    net = SPPNet(image_size=64, multimask_output=True).eval()
+    with torch.no_grad():
+        assert net(_image(1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_torchscript_trace_matches_eager(net):
+    image = _image(1, 64, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, image, check_trace=False)
+        other = _image(1, 64, 64, clicks=((33, 44), (60, 1)))
+        torch.testing.assert_close(traced(other), net(other), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make_input, error, match",
+    [
+        (lambda: torch.randn(1, 3, 64, 64), ValueError, r"\(B, 5, H, W\)"),
+        (lambda: torch.randn(5, 64, 64), ValueError, r"\(B, 5, H, W\)"),
+        (lambda: torch.zeros(1, 5, 64, 64, dtype=torch.uint8), TypeError, "floating-point"),
+        (lambda: torch.randn(1, 5, 80, 64), ValueError, "tile it"),
+    ],
+)
+def test_bad_image_input(net, make_input, error, match):
+    with pytest.raises(error, match=match):
+        net(make_input())
+
+
+@pytest.mark.parametrize("image_size", [0, 48, 100])
+def test_bad_image_size(image_size):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        SPPNet(image_size=image_size)
+
+
+def test_bad_fusion():
+    with pytest.raises(ValueError, match="fusion"):
+        SPPNet(image_size=64, fusion="sum")
+
+
+def test_click_outside_image(net):
+    features = net.encode(torch.randn(1, 3, 50, 60))
+    labels = torch.tensor([[1, 0]])
+    with pytest.raises(ValueError, match=r"click \(x=60, y=3\) lies outside the 60x50"):
+        net.decode(features, torch.tensor([[[60.0, 3.0], [1.0, 1.0]]]), labels)
+    with pytest.raises(ValueError, match="outside"):
+        net.decode(features, torch.tensor([[[5.0, -1.0], [1.0, 1.0]]]), labels)
+    # A padding point (label -1) may lie anywhere: SAM puts it at (0, 0) or ignores it.
+    net.decode(features, torch.tensor([[[5.0, 5.0], [-10.0, 99.0]]]), torch.tensor([[1, -1]]))
+    with pytest.raises(ValueError, match=r"\(P, N, 2\)"):
+        net.decode(features, torch.tensor([[5.0, 5.0]]), torch.tensor([1]))
