@@ -20,7 +20,15 @@ import numpy as np
 from sppnet_monai.data.image_io import write_json
 from sppnet_monai.utils import SPPNetError
 
-__all__ = ["DATALIST_NAME", "IMAGES_DIR", "LABELS_DIR", "datalist_entry", "split_train_val", "write_datalist"]
+__all__ = [
+    "DATALIST_NAME",
+    "IMAGES_DIR",
+    "LABELS_DIR",
+    "check_split_args",
+    "datalist_entry",
+    "split_train_val",
+    "write_datalist",
+]
 
 DATALIST_NAME = "datalist.json"
 IMAGES_DIR = "images"
@@ -38,6 +46,14 @@ def datalist_entry(name: str, instances: str, num_instances: int) -> dict:
     }
 
 
+def check_split_args(val_fraction: float, seed: int) -> None:
+    """Raise SPPNetError unless ``0 <= val_fraction < 1`` and ``seed`` is a non-negative int."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise SPPNetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise SPPNetError(f"seed must be a non-negative integer, got {seed!r}")
+
+
 def split_train_val(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split ``names`` into sorted (training, validation) name lists, deterministic in ``seed``.
 
@@ -45,8 +61,7 @@ def split_train_val(names: list[str], val_fraction: float, seed: int) -> tuple[l
     ``val_fraction > 0`` and there are 2 or more names, and always leaves 1 for training.
     The split depends on the set of names only, not on their order.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise SPPNetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_split_args(val_fraction, seed)
     ordered = sorted(names)
     num_val = int(round(len(ordered) * val_fraction))
     if val_fraction > 0 and len(ordered) >= 2:

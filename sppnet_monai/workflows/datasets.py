@@ -1,0 +1,62 @@
+"""Which dataset a bundle run uses, checked before any training starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from monai.data import load_decathlon_datalist
+
+from sppnet_monai.utils import SPPNetError
+from sppnet_monai.workflows.errors import exit_on_user_error
+
+logger = logging.getLogger(__name__)
+
+DATALIST_NAME = "datalist.json"
+
+
+@exit_on_user_error
+def resolve_dataset(dataset_dir: str | None, demo_dir: str, demo_num_images: int, demo_image_size: int, seed: int = 0) -> str:
+    """Folder holding ``datalist.json``: ``dataset_dir`` when given, else the embedded synthetic demo.
+
+    The demo is generated into ``demo_dir`` on first use (a few seconds) and reused afterwards.
+    """
+    if dataset_dir:
+        if not (Path(dataset_dir) / DATALIST_NAME).is_file():
+            raise SPPNetError(
+                f"no {DATALIST_NAME} in dataset_dir {dataset_dir}: prepare it with `python -m sppnet_monai prepare`."
+            )
+        return str(dataset_dir)
+    if not (Path(demo_dir) / DATALIST_NAME).is_file():
+        from sppnet_monai.data.prepare import prepare_demo
+
+        logger.info("no dataset_dir given: generating the synthetic demo dataset in %s", demo_dir)
+        prepare_demo(demo_dir, num_images=demo_num_images, image_size=demo_image_size, seed=seed)
+    return str(demo_dir)
+
+
+@exit_on_user_error
+def datalist_split(dataset_dir: str, split: str) -> list[dict]:
+    """Entries of one split (``training``, ``validation``, ``test``) with absolute paths, every file checked."""
+    datalist_file = os.path.join(dataset_dir, DATALIST_NAME)
+    try:
+        with open(datalist_file) as f:
+            content = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise SPPNetError(f"datalist {datalist_file} cannot be read: {err}") from err
+    if not isinstance(content, dict) or not content.get(split):
+        raise SPPNetError(f"datalist {datalist_file} has no {split!r} entries.")
+    try:
+        entries = load_decathlon_datalist(datalist_file, is_segmentation=True, data_list_key=split, base_dir=dataset_dir)
+    except (KeyError, TypeError, ValueError) as err:
+        raise SPPNetError(f"datalist {datalist_file} is malformed in {split!r}: {err}") from err
+    for entry in entries:
+        for key in ("image", "label"):
+            if key not in entry:
+                raise SPPNetError(f"datalist {datalist_file}: a {split!r} entry has no {key!r}: {entry}")
+            if not os.path.isfile(entry[key]):
+                raise SPPNetError(f"datalist {datalist_file}: {split!r} {key} {entry[key]} does not exist.")
+    logger.info("%s: %d images from %s", split, len(entries), datalist_file)
+    return entries

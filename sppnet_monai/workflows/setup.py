@@ -1,0 +1,49 @@
+"""Device, threads and pretrained weights for bundle runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from sppnet_monai.networks.checkpoints import load_checkpoint
+from sppnet_monai.workflows.errors import exit_on_user_error
+
+logger = logging.getLogger(__name__)
+
+
+def compute_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_all_cpu_cores() -> int:
+    """Let CPU runs use every core (torch's default may be fewer); returns the thread count."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+@exit_on_user_error
+def load_pretrained(net: nn.Module, mobilesam_checkpoint: str | None = None, sam_checkpoint: str | None = None) -> nn.Module:
+    """Start ``net`` from public weights where the user has them, as the paper does.
+
+    MobileSAM's ``mobile_sam.pt`` fills the Tiny-ViT encoder, prompt encoder and mask decoder; SAM's
+    ``sam_vit_*.pth``, if also given, then replaces the prompt encoder and mask decoder (the paper
+    takes those from SAM). Without either, training starts from random weights.
+    """
+    for path, kind in ((mobilesam_checkpoint, "mobile_sam"), (sam_checkpoint, "sam")):
+        if path:
+            load_checkpoint(net, path, kind=kind)
+            logger.info("loaded %s weights from %s", kind, path)
+    return net
+
+
+@exit_on_user_error
+def load_trained(net: nn.Module, checkpoint: str) -> nn.Module:
+    """Load this project's trained weights (e.g. the bundle's ``models/model.pt``) into ``net``, strictly."""
+    load_checkpoint(net, checkpoint, kind="sppnet")
+    logger.info("loaded SPPNet weights from %s", checkpoint)
+    return net
