@@ -177,8 +177,8 @@ def _outside(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> bool
 def rasterise_regions(regions: list[Region], shape: tuple[int, int]) -> tuple[np.ndarray, RasterStats]:
     """Draw ``regions`` into an ``(H, W)`` uint16 instance map with ids ``1..N`` in file order.
 
-    Regions with fewer than 3 vertices, non-numeric vertices or no pixel inside the image are
-    skipped (``stats.degenerate``); a later region overwrites an earlier one where they overlap,
+    Regions with fewer than 3 vertices, a non-numeric vertex or no pixel centre inside them (a
+    sliver, or entirely outside the image) are skipped (``stats.degenerate``); a later region overwrites an earlier one where they overlap,
     and a region left without any pixel is reported in ``stats.overwritten``.
     """
     stats = RasterStats(regions=len(regions))
@@ -186,14 +186,14 @@ def rasterise_regions(regions: list[Region], shape: tuple[int, int]) -> tuple[np
     drawn: list[str] = []  # region id of instance id i + 1
     for region in regions:
         if region.rows.size < 3:
-            stats.degenerate.append((region.region_id, f"{region.rows.size} vertices"))
+            stats.degenerate.append((region.region_id, "with fewer than 3 vertices"))
             continue
         if not (np.isfinite(region.rows).all() and np.isfinite(region.cols).all()):
-            stats.degenerate.append((region.region_id, "non-numeric vertex"))
+            stats.degenerate.append((region.region_id, "with a non-numeric vertex"))
             continue
         rr, cc = polygon_pixels(region.rows, region.cols, shape)
         if rr.size == 0:
-            stats.degenerate.append((region.region_id, "no pixel inside the image"))
+            stats.degenerate.append((region.region_id, "covering no pixel centre of the image"))
             continue
         if _outside(region.rows, region.cols, shape):
             stats.clipped.append(region.region_id)

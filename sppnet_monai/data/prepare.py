@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sppnet_monai.data import instances as inst
 from sppnet_monai.data.datalist import (
@@ -91,19 +92,26 @@ def _sample_from_mask(mask_path: Path, image: np.ndarray) -> Sample:
 def _prepare_samples(loaders: dict[str, Loader], dst: Path, report: Report, desc: str) -> dict[str, dict]:
     """Load and write every sample; return ``{name: per-image summary}`` of those written."""
     written: dict[str, dict] = {}
-    for name, load in tqdm(loaders.items(), desc=desc, unit="image", file=sys.stderr, dynamic_ncols=True):
-        try:
-            sample = load(report)
-            num_instances = inst.count_instances(sample.labels)
-            if num_instances == 0:
-                raise SPPNetError(f"{sample.source}: no nucleus annotated")
-        except SPPNetError as err:
-            report.warn(f"{err}; skipping image {name}")
-            continue
-        write_png(dst / IMAGES_DIR / f"{name}.png", sample.image)
-        write_png(dst / LABELS_DIR / f"{name}.png", sample.labels)
-        written[name] = {"instances": sample.instances, "num_instances": num_instances, **sample.details}
+    progress = tqdm(loaders.items(), desc=desc, unit="image", file=sys.stderr, dynamic_ncols=True)
+    with logging_redirect_tqdm():  # warnings print above the progress bar, not inside it
+        for name, load in progress:
+            written.update(_prepare_one(name, load, dst, report))
     return written
+
+
+def _prepare_one(name: str, load: Loader, dst: Path, report: Report) -> dict[str, dict]:
+    """Load and write one sample: ``{name: per-image summary}``, or ``{}`` if it is unusable."""
+    try:
+        sample = load(report)
+        num_instances = inst.count_instances(sample.labels)
+        if num_instances == 0:
+            raise SPPNetError(f"{sample.source}: no nucleus annotated")
+    except SPPNetError as err:
+        report.warn(f"{err}; skipping image {name}")
+        return {}
+    write_png(dst / IMAGES_DIR / f"{name}.png", sample.image)
+    write_png(dst / LABELS_DIR / f"{name}.png", sample.labels)
+    return {name: {"instances": sample.instances, "num_instances": num_instances, **sample.details}}
 
 
 def _finish(
@@ -166,7 +174,7 @@ def _report_raster_stats(xml_path: Path, stats: RasterStats, shape: tuple[int, .
     for region_id, reason in stats.degenerate:
         by_reason.setdefault(reason, []).append(region_id)
     for reason, ids in by_reason.items():
-        report.warn(f"{xml_path}: skipped {len(ids)} degenerate region(s), {reason} (Id {_ids(ids)})")
+        report.warn(f"{xml_path}: skipped {len(ids)} degenerate region(s) {reason} (Id {_ids(ids)})")
     if stats.clipped:
         report.warn(
             f"{xml_path}: {len(stats.clipped)} region(s) have vertices outside the {shape[0]}x{shape[1]} image, "

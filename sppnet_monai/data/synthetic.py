@@ -25,9 +25,9 @@ from sppnet_monai.data.instances import relabel_consecutive
 
 __all__ = ["SyntheticSample", "synthesize_sample", "touching_pairs"]
 
-# Ruifrok & Johnston optical-density stain vectors (R, G, B).
-HAEMATOXYLIN = np.array([0.65, 0.70, 0.29])
-EOSIN = np.array([0.07, 0.99, 0.11])
+# Optical-density stain vectors (R, G, B): the reference H&E matrix of Macenko et al. (2009).
+HAEMATOXYLIN = np.array([0.5626, 0.7201, 0.4062])
+EOSIN = np.array([0.2159, 0.8012, 0.5581])
 
 _TOUCH_PROBABILITY = 0.15
 _OVERLAP_PROBABILITY = 0.12
@@ -94,7 +94,7 @@ def _nucleus_footprint(nucleus: _Nucleus, shape: tuple[int, int]) -> tuple[tuple
 def _place_nuclei(rng: np.random.Generator, size: int) -> list[_Nucleus]:
     """Nuclei with centres in the image: free ones apart, others touching or overlapping one."""
     scale = size / 256.0 if size < 256 else 1.0  # keep nuclei visible in small demo images
-    count = int(rng.integers(22, 38) * (size / 256.0) ** 2) + 2
+    count = int(rng.integers(30, 50) * (size / 256.0) ** 2) + 2
     nuclei: list[_Nucleus] = []
     for _ in range(count):
         for _attempt in range(30):
@@ -136,7 +136,7 @@ def synthesize_sample(rng: np.random.Generator, size: int) -> SyntheticSample:
 
     # Stroma: eosin with large-scale texture, fibres along a random direction and pale gaps.
     fibres = ndimage.rotate(_smooth_noise(rng, shape, (0.8, 6.0)), rng.uniform(0, 180), reshape=False, mode="wrap")
-    eosin = 0.5 * strength_e * (1.0 + 0.25 * _smooth_noise(rng, shape, size / 16) + 0.2 * fibres)
+    eosin = 0.5 * strength_e * (1.0 + 0.25 * _smooth_noise(rng, shape, size / 16) + 0.12 * fibres)
     gaps = _smooth_noise(rng, shape, size / 24) > 1.6
     eosin = np.where(gaps, 0.25 * eosin, eosin).clip(0.02, None)
     haematoxylin = np.clip(0.08 + 0.03 * _smooth_noise(rng, shape, 2.0), 0.0, None)

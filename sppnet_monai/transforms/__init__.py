@@ -6,7 +6,15 @@ pairs in ``d["foreground"]`` / ``d["background"]``; the network input is (5, H, 
 (``NormalizeIntensityd``), then the positive and the negative click maps.
 """
 
+from .auto_click import AutoClickd, hematoxylin_mask
 from .image import EnsureRGBd
 from .prompt import AddClickGuidanceChannelsd, CenterNeighborhoodPointSampled, nucleus_center
 
-__all__ = ["AddClickGuidanceChannelsd", "CenterNeighborhoodPointSampled", "EnsureRGBd", "nucleus_center"]
+__all__ = [
+    "AddClickGuidanceChannelsd",
+    "AutoClickd",
+    "CenterNeighborhoodPointSampled",
+    "EnsureRGBd",
+    "hematoxylin_mask",
+    "nucleus_center",
+]

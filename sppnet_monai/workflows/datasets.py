@@ -60,3 +60,30 @@ def datalist_split(dataset_dir: str, split: str) -> list[dict]:
                 raise SPPNetError(f"datalist {datalist_file}: {split!r} {key} {entry[key]} does not exist.")
     logger.info("%s: %d images from %s", split, len(entries), datalist_file)
     return entries
+
+
+@exit_on_user_error
+def image_datalist(input_dir: str, pattern: str = "*.png", clicks_file: str | None = None) -> list[dict]:
+    """Inference entries ``{"image", "foreground", "background"}`` for the images matching ``pattern``.
+
+    ``clicks_file`` (optional) is JSON mapping an image file name to its clicks,
+    ``{"a.png": {"foreground": [[x, y]], "background": [[x, y]]}}``; images without clicks get them
+    chosen automatically (:class:`~sppnet_monai.transforms.AutoClickd`).
+    """
+    images = sorted(str(p) for p in Path(input_dir).glob(pattern) if p.is_file())
+    if not images:
+        raise SPPNetError(f"no images matching {pattern!r} in {input_dir}.")
+    clicks: dict = {}
+    if clicks_file:
+        try:
+            with open(clicks_file) as f:
+                clicks = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise SPPNetError(f"clicks file {clicks_file} cannot be read: {err}") from err
+        if not isinstance(clicks, dict):
+            raise SPPNetError(f"clicks file {clicks_file} must map image file names to clicks.")
+    entries = []
+    for image in images:
+        given = clicks.get(Path(image).name, {})
+        entries.append({"image": image, "foreground": given.get("foreground", []), "background": given.get("background", [])})
+    return entries
