@@ -29,11 +29,13 @@ class Prepare:
 
         return _report(prepare_folder(src, dst, val_fraction=val_fraction, seed=seed))
 
-    def demo(self, dst: str, num_images: int = 12, image_size: int = 256, seed: int = 0):
+    def demo(self, dst: str, num_images: int = 12, image_size: int = 256, seed: int = 0, val_fraction: float = 0.2):
         """A deterministic synthetic H&E-like dataset, the bundle's embedded default."""
         from sppnet_monai.data.prepare import prepare_demo
 
-        return _report(prepare_demo(dst, num_images=num_images, image_size=image_size, seed=seed))
+        return _report(
+            prepare_demo(dst, num_images=num_images, image_size=image_size, seed=seed, val_fraction=val_fraction)
+        )
 
 
 def _report(summary) -> None:

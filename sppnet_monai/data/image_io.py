@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 _PIL_COLOUR_MODES = {"P": "RGBA", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
 
 
-def _read_array(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
-    """Pixel values of ``path`` as ``(H, W)`` or ``(H, W, C)``, any dtype.
+def _decode(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
+    """Pixel values of ``path``, any shape and dtype.
 
     Pillow first (it decodes the LZW tifs of MoNuSeg without extra codecs), tifffile as the
     fallback for tifs Pillow cannot open (e.g. 16-bit RGB).
@@ -33,19 +34,28 @@ def _read_array(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
             img.load()
             if img.mode in colour_modes:
                 img = img.convert(colour_modes[img.mode])
-            array = np.asarray(img)
+            return np.asarray(img)
     except Exception as pil_err:  # Pillow raises many types for broken files
         if path.suffix.lower() not in TIFF_SUFFIXES:
             raise SPPNetError(f"{path}: cannot read image ({pil_err})") from pil_err
-        try:
-            import tifffile
+    try:
+        import tifffile
 
-            array = tifffile.imread(path)
-        except Exception as tif_err:
-            raise SPPNetError(f"{path}: cannot read image ({tif_err})") from tif_err
+        return tifffile.imread(path)
+    except Exception as tif_err:
+        raise SPPNetError(f"{path}: cannot read image ({tif_err})") from tif_err
+
+
+def _read_array(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
+    """Pixel values of ``path`` as ``(H, W)`` or ``(H, W, C)``, any dtype."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": failures are reported as errors
+        array = _decode(path, colour_modes)
     if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
         array = np.moveaxis(array, 0, -1)  # planar (C, H, W) tifs
-    if array.ndim not in (2, 3) or array.size == 0:
+    if array.size == 0:
+        raise SPPNetError(f"{path}: cannot read image (no pixel data)")
+    if array.ndim not in (2, 3):
         raise SPPNetError(f"{path}: expected a 2D image, got pixel array of shape {array.shape}")
     return array
 
@@ -53,15 +63,18 @@ def _read_array(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     """``(H, W)``, ``(H, W, 1|2|3|4)`` of any dtype -> ``(H, W, 3)`` uint8.
 
-    16-bit and other integer types are scaled by their full range (65535 -> 255); floats are
-    taken as ``[0, 1]`` when their maximum is at most 1, else as ``[0, 255]``. Alpha is
+    16-bit integers are scaled by their full range (65535 -> 255); wider integers (Pillow's
+    mode "I") by the 8-bit, 16-bit or full range, whichever first holds their maximum. Floats
+    are taken as ``[0, 1]`` when their maximum is at most 1, else as ``[0, 255]``. Alpha is
     composited over white, the colour of an empty slide.
     """
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
-        info = np.iinfo(array.dtype)
-        array = np.clip(array.astype(np.float64), 0, info.max) * (255.0 / info.max)
+        full_range = np.iinfo(array.dtype).max
+        if array.dtype.itemsize > 2:
+            full_range = next(m for m in (255, 65535, full_range) if array.max() <= m)
+        array = np.clip(array.astype(np.float64), 0, full_range) * (255.0 / full_range)
     elif np.issubdtype(array.dtype, np.floating):
         array = np.nan_to_num(array.astype(np.float64))
         array = array * 255.0 if array.max() <= 1.0 else array

@@ -171,15 +171,16 @@ def polygon_pixels(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -
 def _outside(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> bool:
     """Does any vertex lie outside the image area ``[-0.5, H - 0.5] x [-0.5, W - 0.5]``?"""
     height, width = shape
-    return bool((rows < -0.5).any() or (rows > height - 0.5).any() or (cols < -0.5).any() or (cols > width - 0.5).any())
+    return bool(((rows < -0.5) | (rows > height - 0.5) | (cols < -0.5) | (cols > width - 0.5)).any())
 
 
 def rasterise_regions(regions: list[Region], shape: tuple[int, int]) -> tuple[np.ndarray, RasterStats]:
     """Draw ``regions`` into an ``(H, W)`` uint16 instance map with ids ``1..N`` in file order.
 
     Regions with fewer than 3 vertices, a non-numeric vertex or no pixel centre inside them (a
-    sliver, or entirely outside the image) are skipped (``stats.degenerate``); a later region overwrites an earlier one where they overlap,
-    and a region left without any pixel is reported in ``stats.overwritten``.
+    sliver, or entirely outside the image) are skipped (``stats.degenerate``). A later region
+    overwrites an earlier one where they overlap; one left without any pixel is dropped and
+    reported in ``stats.overwritten``. Vertices outside the image are clipped (``stats.clipped``).
     """
     stats = RasterStats(regions=len(regions))
     labels = np.zeros(shape, dtype=np.int32)

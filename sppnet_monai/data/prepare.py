@@ -92,15 +92,17 @@ def _sample_from_mask(mask_path: Path, image: np.ndarray) -> Sample:
 def _prepare_samples(loaders: dict[str, Loader], dst: Path, report: Report, desc: str) -> dict[str, dict]:
     """Load and write every sample; return ``{name: per-image summary}`` of those written."""
     written: dict[str, dict] = {}
-    progress = tqdm(loaders.items(), desc=desc, unit="image", file=sys.stderr, dynamic_ncols=True)
+    progress = tqdm(loaders.items(), desc=desc, unit="image", file=sys.stderr, dynamic_ncols=True, disable=not loaders)
     with logging_redirect_tqdm():  # warnings print above the progress bar, not inside it
         for name, load in progress:
-            written.update(_prepare_one(name, load, dst, report))
+            info = _prepare_one(name, load, dst, report)
+            if info is not None:
+                written[name] = info
     return written
 
 
-def _prepare_one(name: str, load: Loader, dst: Path, report: Report) -> dict[str, dict]:
-    """Load and write one sample: ``{name: per-image summary}``, or ``{}`` if it is unusable."""
+def _prepare_one(name: str, load: Loader, dst: Path, report: Report) -> dict | None:
+    """Load and write one sample; return its per-image summary, or None if it is unusable."""
     try:
         sample = load(report)
         num_instances = inst.count_instances(sample.labels)
@@ -108,10 +110,10 @@ def _prepare_one(name: str, load: Loader, dst: Path, report: Report) -> dict[str
             raise SPPNetError(f"{sample.source}: no nucleus annotated")
     except SPPNetError as err:
         report.warn(f"{err}; skipping image {name}")
-        return {}
+        return None
     write_png(dst / IMAGES_DIR / f"{name}.png", sample.image)
     write_png(dst / LABELS_DIR / f"{name}.png", sample.labels)
-    return {name: {"instances": sample.instances, "num_instances": num_instances, **sample.details}}
+    return {"instances": sample.instances, "num_instances": num_instances, **sample.details}
 
 
 def _finish(
@@ -157,8 +159,10 @@ def _finish(
     return summary
 
 
-def _no_usable_image(src: Path, report: Report) -> SPPNetError:
-    return SPPNetError(f"{src}: no usable image found ({len(report.warnings)} problem(s) reported above)")
+def _no_usable_image(src: Path, report: Report, when_empty: str) -> SPPNetError:
+    if not report.warnings:
+        return SPPNetError(f"{src}: {when_empty}")
+    return SPPNetError(f"{src}: no usable image ({len(report.warnings)} problem(s) reported above)")
 
 
 def _ids(region_ids: list[str]) -> str:
@@ -194,6 +198,8 @@ def _sample_from_xml(xml_path: Path, image: np.ndarray, report: Report) -> Sampl
         raise SPPNetError(f"{xml_path}: annotation XML has no Region")
     labels, stats = rasterise_regions(annotation.regions, image.shape[:2])
     _report_raster_stats(xml_path, stats, image.shape, report)
+    if not labels.any():
+        raise SPPNetError(f"{xml_path}: no usable Region (all {stats.regions} degenerate)")
     details = {
         "regions": stats.regions,
         "degenerate_polygons": len(stats.degenerate),
@@ -246,7 +252,7 @@ def prepare_monuseg(
     loaders = {p.stem: _monuseg_loader(layout, p) for p in layout.images}
     written = _prepare_samples(loaders, dst, report, desc="monuseg")
     if not written:
-        raise _no_usable_image(src, report)
+        raise _no_usable_image(src, report, "no .tif image in 'Tissue Images/', 'Tissue_Images/' or the folder itself")
 
     test_written = None
     if test_layout is not None:
@@ -322,7 +328,7 @@ def prepare_folder(src: str | os.PathLike, dst: str | os.PathLike, val_fraction:
         report.warn(f"{masks[stem]}: no matching image in {src / 'images'}; ignoring it")
     written = _prepare_samples(loaders, dst, report, desc="folder")
     if not written:
-        raise _no_usable_image(src, report)
+        raise _no_usable_image(src, report, "no image in 'images/'")
     return _finish(
         src.name or "dataset",
         f"Nuclei instance segmentation prepared by sppnet_monai from {src.name}: "

@@ -119,13 +119,16 @@ def load_checkpoint(net: nn.Module, path: str | os.PathLike, kind: str = "auto")
             mis-shaped keys; ``net`` is left unchanged.
     """
     source = read_state_dict(path)
+    detected = detect_checkpoint_kind(source)
     if kind == "auto":
-        kind = detect_checkpoint_kind(source)
+        kind = detected
+    first = ", ".join(list(source)[:3])
     if kind not in CHECKPOINT_KINDS:
-        first = ", ".join(list(source)[:3])
         raise SPPNetError(
             f"checkpoint {path} is not a MobileSAM, SAM or SPPNet checkpoint (kind {kind!r}; first keys: {first})."
         )
+    if detected != kind:
+        raise SPPNetError(f"checkpoint {path} is not a {kind} checkpoint (its keys look like {detected}: {first}).")
     mapping, filled_prefixes = CHECKPOINT_KINDS[kind]
     mapped = mapping(source)
     target = net.state_dict()

@@ -32,13 +32,21 @@ class ResumableTrainingState:
     The state is ``save_dict`` (network, optimizer, scheduler, ...) plus the trainer itself (epoch
     and iteration counters), added when attached so that the config needs no self-reference.
     MONAI's :class:`CheckpointSaver` writes ``ckpt_dir/checkpoint_epoch=N.pt`` (the last one kept);
-    MONAI's :class:`CheckpointLoader` restores it before the first epoch of a rerun.
+    MONAI's :class:`CheckpointLoader` restores it before the first epoch of a rerun. In distributed
+    runs every rank resumes but only one (``save=True``) writes.
     """
 
-    def __init__(self, ckpt_dir: str, save_dict: Mapping[str, object], map_location: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        ckpt_dir: str,
+        save_dict: Mapping[str, object],
+        map_location: str | torch.device | None = None,
+        save: bool = True,
+    ) -> None:
         self.ckpt_dir = ckpt_dir
         self.save_dict = dict(save_dict)
         self.map_location = map_location
+        self.save = save
 
     def attach(self, engine: Engine) -> None:
         state = {**self.save_dict, "trainer": engine}
@@ -48,7 +56,8 @@ class ResumableTrainingState:
         else:
             logger.info("resuming from %s", path)
             CheckpointLoader(load_path=str(path), load_dict=state, map_location=self.map_location).attach(engine)
-        CheckpointSaver(save_dir=self.ckpt_dir, save_dict=state, save_interval=1, n_saved=1, epoch_level=True).attach(engine)
+        if self.save:
+            CheckpointSaver(save_dir=self.ckpt_dir, save_dict=state, save_interval=1, n_saved=1, epoch_level=True).attach(engine)
 
 
 class LearningRateTensorBoardHandler:
