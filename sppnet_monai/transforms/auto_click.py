@@ -6,14 +6,12 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 from scipy import ndimage
 from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 
-from .prompt import nucleus_center
+from .prompt import ClickKeysTransform, nucleus_center
 
 __all__ = ["AutoClickd", "hematoxylin_mask"]
 
@@ -34,7 +32,7 @@ def hematoxylin_mask(rgb: np.ndarray, blur_sigma: float = 1.0) -> np.ndarray:
     return hematoxylin > threshold_otsu(hematoxylin)
 
 
-class AutoClickd(MapTransform):
+class AutoClickd(ClickKeysTransform):
     """Fill missing clicks from the image alone: a deterministic stand-in for a user's clicks.
 
     The positive click is the L1 centre (:func:`nucleus_center`) of the hematoxylin mask, i.e. the
@@ -46,17 +44,6 @@ class AutoClickd(MapTransform):
     Args:
         keys: the RGB image ``(3, H, W)`` in 0-255 (before normalisation).
     """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        foreground_key: str = "foreground",
-        background_key: str = "background",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.foreground_key = foreground_key
-        self.background_key = background_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

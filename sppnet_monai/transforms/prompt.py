@@ -182,7 +182,22 @@ class CenterNeighborhoodPointSampled(Randomizable, MapTransform):
         return d
 
 
-class AddClickGuidanceChannelsd(MapTransform):
+class ClickKeysTransform(MapTransform):
+    """Base of the transforms that read or write the ``foreground`` / ``background`` click lists of images ``keys``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        foreground_key: str = "foreground",
+        background_key: str = "background",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.foreground_key = foreground_key
+        self.background_key = background_key
+
+
+class AddClickGuidanceChannelsd(ClickKeysTransform):
     """Append a positive and a negative click map to each image: (C, H, W) -> (C + 2, H, W).
 
     A click map is 0 everywhere and 1.0 at each click pixel ``[row=y, col=x]``; an empty or missing click
@@ -198,17 +213,6 @@ class AddClickGuidanceChannelsd(MapTransform):
         ValueError: (one line) for a click outside the image, naming the click and the image size, or for
             a click list that is not a list of (x, y) pairs.
     """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        foreground_key: str = "foreground",
-        background_key: str = "background",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.foreground_key = foreground_key
-        self.background_key = background_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
