@@ -43,7 +43,7 @@ def _report(summary) -> None:
 
 
 class Commands:
-    """SPPNet for nuclei segmentation: network info and data preparation."""
+    """SPPNet for nuclei segmentation: network info, data preparation, prediction."""
 
     def __init__(self) -> None:
         self.prepare = Prepare()
@@ -55,6 +55,33 @@ class Commands:
 
         net = SPPNet(image_size=image_size, fusion=fusion)
         _report(network_info(net, image_size=image_size))
+
+    def benchmark(self, image_size: int = 1024, repeats: int = 5, sam_vit_h: bool = False, threads: int | None = None) -> None:
+        """Time SPPNet (per image, per extra click, training) and SAM ViT-B (ViT-H with --sam_vit_h) as JSON."""
+        from sppnet_monai.benchmark import run_benchmark
+
+        _report(run_benchmark(image_size=image_size, repeats=repeats, sam_vit_h=sam_vit_h, threads=threads))
+
+    def predict(
+        self,
+        inputs: str,
+        checkpoint: str,
+        output_dir: str,
+        clicks: str | None = None,
+        formats: str = "png",
+        config: str | None = None,
+        **overrides,
+    ) -> None:
+        """Nuclei masks and instance maps for images or folders (any size: tiled beyond image_size).
+
+        Clicks come from ``--clicks`` (JSON or CSV, see the README) or are chosen automatically;
+        ``--formats png,tif,nii``; other ``--id value`` pairs override the inference config
+        (e.g. ``--image_size 256`` for a model trained with the fast CPU recipe).
+        """
+        from sppnet_monai.predict import DEFAULT_CONFIG, run_predict
+
+        formats = formats.split(",") if isinstance(formats, str) else list(formats)
+        _report(run_predict(inputs, checkpoint, output_dir, clicks, formats, config or DEFAULT_CONFIG, **overrides))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ pairs in ``d["foreground"]`` / ``d["background"]``; the network input is (5, H, 
 (``NormalizeIntensityd``), then the positive and the negative click maps.
 """
 
-from .auto_click import AutoClickd, hematoxylin_mask
+from .auto_click import AutoClickd, choose_clicks, hematoxylin_mask
 from .image import EnsureRGBd
 from .prompt import AddClickGuidanceChannelsd, CenterNeighborhoodPointSampled, nucleus_center
 
@@ -14,6 +14,7 @@ __all__ = [
     "AddClickGuidanceChannelsd",
     "AutoClickd",
     "CenterNeighborhoodPointSampled",
+    "choose_clicks",
     "EnsureRGBd",
     "hematoxylin_mask",
     "nucleus_center",

@@ -13,7 +13,7 @@ from skimage.filters import threshold_otsu
 
 from .prompt import ClickKeysTransform, nucleus_center
 
-__all__ = ["AutoClickd", "hematoxylin_mask"]
+__all__ = ["AutoClickd", "choose_clicks", "hematoxylin_mask"]
 
 
 def hematoxylin_mask(rgb: np.ndarray, blur_sigma: float = 1.0) -> np.ndarray:
@@ -32,14 +32,22 @@ def hematoxylin_mask(rgb: np.ndarray, blur_sigma: float = 1.0) -> np.ndarray:
     return hematoxylin > threshold_otsu(hematoxylin)
 
 
-class AutoClickd(ClickKeysTransform):
-    """Fill missing clicks from the image alone: a deterministic stand-in for a user's clicks.
+def choose_clicks(rgb: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
+    """Positive and negative click lists (``[[x, y]]`` or ``[]``) for an RGB ``(3, H, W)`` 0-255 image.
 
     The positive click is the L1 centre (:func:`nucleus_center`) of the hematoxylin mask, i.e. the
     centre of its thickest nucleus-like blob; the negative click is the background pixel farthest
-    from any such blob (and from the border). Clicks the data already has are kept: with
+    from any such blob (and from the border). An empty (full) mask gives no positive (negative) click.
+    """
+    nuclei = hematoxylin_mask(rgb)
+    return tuple([list(nucleus_center(region))] if region.any() else [] for region in (nuclei, ~nuclei))
+
+
+class AutoClickd(ClickKeysTransform):
+    """Fill missing clicks from the image alone: a deterministic stand-in for a user's clicks.
+
+    Clicks come from :func:`choose_clicks`; those the data already has are kept: with
     ``d["foreground"] = [[x, y]]`` and no background click only the background one is chosen.
-    Where the mask is empty (or full), no positive (or negative) click is added.
 
     Args:
         keys: the RGB image ``(3, H, W)`` in 0-255 (before normalisation).
@@ -51,8 +59,8 @@ class AutoClickd(ClickKeysTransform):
             missing = [k for k in (self.foreground_key, self.background_key) if not len(d.get(k) or [])]
             if not missing:
                 continue
-            nuclei = hematoxylin_mask(convert_to_numpy(d[key])[:3])
-            for click_key, region in ((self.foreground_key, nuclei), (self.background_key, ~nuclei)):
+            chosen = choose_clicks(convert_to_numpy(d[key])[:3])
+            for click_key, clicks in zip((self.foreground_key, self.background_key), chosen):
                 if click_key in missing:
-                    d[click_key] = [list(nucleus_center(region))] if region.any() else []
+                    d[click_key] = clicks
         return d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -62,28 +63,47 @@ def datalist_split(dataset_dir: str, split: str) -> list[dict]:
     return entries
 
 
+def read_clicks_file(path: str | os.PathLike) -> dict[str, dict[str, list[list[float]]]]:
+    """Clicks per image file name, from JSON or CSV.
+
+    JSON: ``{"a.png": {"foreground": [[x, y]], "background": [[x, y]]}}``.
+    CSV: a header ``image,x,y,label`` and one row per click, label 1 (foreground) or 0 (background).
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            clicks: dict = {}
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    kind = {"1": "foreground", "0": "background"}[row["label"].strip()]
+                    entry = clicks.setdefault(row["image"].strip(), {"foreground": [], "background": []})
+                    entry[kind].append([float(row["x"]), float(row["y"])])
+            return clicks
+        with open(path) as f:
+            clicks = json.load(f)
+    except (OSError, json.JSONDecodeError, KeyError, ValueError, AttributeError) as err:
+        raise SPPNetError(f"clicks file {path} cannot be read ({type(err).__name__}: {err}); expected JSON "
+                          '{"image.png": {"foreground": [[x, y]], "background": [[x, y]]}} or CSV image,x,y,label') from err
+    if not isinstance(clicks, dict) or not all(isinstance(v, dict) for v in clicks.values()):
+        raise SPPNetError(f"clicks file {path} must map image file names to {{'foreground': [...], 'background': [...]}}.")
+    return clicks
+
+
 @exit_on_user_error
 def image_datalist(input_dir: str, pattern: str = "*.png", clicks_file: str | None = None) -> list[dict]:
     """Inference entries ``{"image", "foreground", "background"}`` for the images matching ``pattern``.
 
-    ``clicks_file`` (optional) is JSON mapping an image file name to its clicks,
-    ``{"a.png": {"foreground": [[x, y]], "background": [[x, y]]}}``; images without clicks get them
-    chosen automatically (:class:`~sppnet_monai.transforms.AutoClickd`).
+    ``clicks_file`` (optional, see :func:`read_clicks_file`) gives clicks per image file name;
+    images without clicks get them chosen automatically (:class:`~sppnet_monai.transforms.AutoClickd`).
     """
     images = sorted(str(p) for p in Path(input_dir).glob(pattern) if p.is_file())
     if not images:
         raise SPPNetError(f"no images matching {pattern!r} in {input_dir}.")
-    clicks: dict = {}
-    if clicks_file:
-        try:
-            with open(clicks_file) as f:
-                clicks = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise SPPNetError(f"clicks file {clicks_file} cannot be read: {err}") from err
-        if not isinstance(clicks, dict):
-            raise SPPNetError(f"clicks file {clicks_file} must map image file names to clicks.")
-    entries = []
-    for image in images:
-        given = clicks.get(Path(image).name, {})
-        entries.append({"image": image, "foreground": given.get("foreground", []), "background": given.get("background", [])})
-    return entries
+    clicks = read_clicks_file(clicks_file) if clicks_file else {}
+    return [image_entry(image, clicks) for image in images]
+
+
+def image_entry(image: str, clicks: dict) -> dict:
+    """The inference entry of ``image`` with its clicks from a :func:`read_clicks_file` mapping."""
+    given = clicks.get(Path(image).name, {})
+    return {"image": image, "foreground": given.get("foreground", []), "background": given.get("background", [])}

@@ -1,0 +1,121 @@
+"""From a binary nuclei mask to one label per nucleus: distance-transform watershed.
+
+Touching nuclei form one connected blob in the mask; each nucleus is roughly convex, so the
+distance to the background peaks once inside each of them and dips at the neck where they
+touch. Watershed on the negated distance, seeded at its peaks, cuts the blob at those necks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage import feature, morphology, segmentation
+
+from sppnet_monai.utils import SPPNetError
+
+__all__ = ["instances_from_semantic"]
+
+
+def _seeds(
+    distance: np.ndarray, components: np.ndarray, min_distance: int, footprint_size: int | None, split_depth: float
+) -> np.ndarray:
+    """``(H, W)`` int32 watershed markers ``1..K``, one per nucleus centre found in ``distance``.
+
+    Centres are the local maxima of ``distance`` (:func:`skimage.feature.peak_local_max`, at
+    least ``min_distance`` apart) within each connected component. Maxima joined by a ridge that
+    never dips more than ``split_depth`` below the lower one are one centre: they are grouped by
+    the h-maxima transform (the regional maxima of the morphological reconstruction of
+    ``distance - split_depth`` under ``distance``), because the ridge of an elongated nucleus is
+    nearly flat and its pixel ripples would otherwise cut it into several nuclei.
+    """
+    footprint = None if footprint_size is None else np.ones((footprint_size, footprint_size), dtype=bool)
+    peaks = feature.peak_local_max(
+        distance,
+        min_distance=min_distance,
+        footprint=footprint,
+        labels=components,
+        # The default drops peaks within min_distance of the image border, which would leave
+        # nuclei cut by the border (every tile edge) without a marker, hence without a label.
+        exclude_border=False,
+    )
+    if split_depth > 0:
+        flattened = morphology.reconstruction(distance - split_depth, distance, method="dilation")
+        plateaus = morphology.local_maxima(flattened, connectivity=2, allow_borders=True) & (components > 0)
+    else:  # only touching peaks (a plateau of equal distance) are one centre
+        plateaus = np.zeros(distance.shape, dtype=bool)
+        plateaus[tuple(peaks.T)] = True
+    groups, n_groups = ndimage.label(plateaus, structure=np.ones((3, 3), dtype=bool))
+    # A group is a centre only if peak_local_max kept one of its peaks (min_distance applies).
+    kept = np.zeros(n_groups + 1, dtype=bool)
+    kept[groups[tuple(peaks.T)]] = True
+    kept[0] = False
+    # A group is 8-connected but components are 4-connected: split a group that touches two
+    # components diagonally, so that one marker never floods two separate components.
+    pairs = np.where(kept[groups], groups * (int(components.max()) + 1) + components, 0)
+    markers, _, _ = segmentation.relabel_sequential(pairs)
+    return markers.astype(np.int32)
+
+
+def instances_from_semantic(
+    mask: np.ndarray,
+    min_distance: int = 3,
+    footprint_size: int | None = None,
+    min_size: int = 10,
+    split_depth: float = 0.5,
+) -> np.ndarray:
+    """Split a binary nuclei mask into nuclei by distance-transform watershed.
+
+    Defaults suit 40x H&E (nuclei of about 5-15 px radius); the bundle config sets them
+    (``instance_postprocess``).
+
+    Args:
+        mask: ``(H, W)`` nuclei mask: bool, or numbers where non-zero is nucleus.
+        min_distance: smallest distance in pixels (Chebyshev) between two nucleus centres; two
+            touching nuclei whose centres are closer stay one. Lower splits more; the smallest
+            nuclei (radius ~5, centres >= ~10 apart when touching) are safe with the default.
+        footprint_size: side in pixels of the square window in which a centre must be the
+            largest distance; ``None`` uses ``2 * min_distance + 1``. Larger merges the several
+            shallow maxima of irregular nuclei.
+        min_size: nuclei (after the split) with fewer pixels are dropped, as noise.
+        split_depth: in pixels; two centres are kept apart only if the distance to the
+            background dips by more than this between them (the ``h`` of h-maxima). 0 keeps
+            every local maximum and cuts elongated nuclei into pieces; above 1 merges strongly
+            overlapping small nuclei. The default splits two touching disks of radius 4-15 px
+            even when they overlap by 30% of their diameter and keeps ellipses of semi-axes up
+            to 25x8 px whole (thinner ones, 3:1 and up, may be cut in two); on synthetic H&E
+            masks (``data.synthetic``) it gave the best PQ among 0-2, with AJI within 0.03 of
+            the best (at 0, which oversplits: AJI forgives that more than a merge).
+
+    Returns:
+        ``(H, W)`` int32 label map, 0 = background, nuclei numbered ``1..N``; all zeros for an
+        empty mask.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise SPPNetError(f"expected a (H, W) nuclei mask, got shape {mask.shape}")
+    if min_distance < 1:
+        raise SPPNetError(f"min_distance must be at least 1 pixel, got {min_distance}")
+    if split_depth < 0:
+        raise SPPNetError(f"split_depth cannot be negative, got {split_depth}")
+    if footprint_size is not None and footprint_size < 1:
+        raise SPPNetError(f"footprint_size must be at least 1 pixel, got {footprint_size}")
+    mask = mask != 0
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=np.int32)
+    # 4-connectivity, as for ground-truth masks (data.instances): a one-pixel line of
+    # background between two nuclei keeps them apart.
+    components, _ = ndimage.label(mask)
+    distance = ndimage.distance_transform_edt(mask)
+    markers = _seeds(distance, components, min_distance, footprint_size, split_depth)
+    labels = segmentation.watershed(-distance, markers, mask=mask)
+    # peak_local_max gives every component at least one peak; this keeps any pixel a marker
+    # cannot reach (none expected) as its own nucleus instead of silently dropping it.
+    orphans, _ = ndimage.label(mask & (labels == 0))
+    labels = np.where(orphans > 0, orphans + labels.max(), labels)
+    # By label, not by connected component, and without skimage's remove_small_objects
+    # (its size argument changed meaning in 0.26).
+    too_small = np.bincount(labels.ravel()) < min_size
+    too_small[0] = False
+    labels[too_small[labels]] = 0
+    labels, _, _ = segmentation.relabel_sequential(labels)
+    return labels.astype(np.int32)

@@ -1,0 +1,146 @@
+"""``python -m sppnet_monai predict``: nuclei masks and instance maps for images of any size.
+
+The pipeline is the bundle's own ``inference.json`` (preprocessing, network, prompted sliding-window
+inferer), so the CLI and ``python -m monai.bundle run`` with that config give the same masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from tqdm import tqdm
+
+from sppnet_monai.data.image_io import write_png
+from sppnet_monai.postprocess import instances_from_semantic
+from sppnet_monai.utils import SPPNetError, atomic_path
+from sppnet_monai.workflows.datasets import image_entry, read_clicks_file
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "inference.json"
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+OUTPUT_FORMATS = ("png", "tif", "nii")
+
+
+def find_images(inputs: str | Sequence[str]) -> list[str]:
+    """Image files named by ``inputs``: files, and the images directly inside folders, sorted."""
+    found: list[str] = []
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found.append(str(path))
+        else:
+            raise SPPNetError(f"{path} does not exist.")
+    if not found:
+        raise SPPNetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {inputs}.")
+    return found
+
+
+class Predictor:
+    """A trained SPPNet with the bundle's inference pipeline, loaded once.
+
+    Args:
+        checkpoint: trained weights (the bundle's ``models/model.pt``).
+        config: the bundle inference config; its ids (``image_size``, ``fusion``, ``pixel_mean``,
+            ``sw_overlap``, ``threshold``, ``instance_postprocess``, ...) may be overridden.
+    """
+
+    def __init__(self, checkpoint: str, config: str | os.PathLike = DEFAULT_CONFIG, **overrides) -> None:
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        parser.update({"checkpoint": checkpoint, **overrides})
+        self.parser = parser
+        self.device = parser.get_parsed_content("device")
+        self.network = parser.get_parsed_content("network").eval()
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.inferer = parser.get_parsed_content("inferer")
+        self.threshold = float(parser.get_parsed_content("threshold"))
+        self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
+
+    @torch.no_grad()
+    def probabilities(self, entry: dict) -> np.ndarray:
+        """Nucleus probability ``(H, W)`` float32 for one ``{"image", "foreground", "background"}`` entry."""
+        image = self.preprocessing(entry)["image"]
+        logits = self.inferer(image[None].to(self.device), self.network)
+        return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+
+    def predict(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Binary nuclei mask ``(H, W)`` bool and instance label map ``(H, W)`` int32."""
+        mask = self.probabilities(entry) > self.threshold
+        return mask, instances_from_semantic(mask, **self.instance_postprocess)
+
+
+def write_outputs(output_dir: Path, stem: str, mask: np.ndarray, instances: np.ndarray, formats: Iterable[str]) -> list[str]:
+    """Write the mask (0/255 uint8) and the instance map (uint16) in each format; returns the paths."""
+    written = []
+    for fmt in formats:
+        for suffix, array in (("mask", (mask * 255).astype(np.uint8)), ("instances", instances.astype(np.uint16))):
+            path = output_dir / f"{stem}_{suffix}.{'nii.gz' if fmt == 'nii' else fmt}"
+            if fmt == "png":
+                write_png(path, array)
+            elif fmt == "tif":
+                import tifffile
+
+                with atomic_path(path) as tmp:
+                    tifffile.imwrite(tmp, array)
+            else:
+                import gzip
+
+                import nibabel as nib
+
+                # NIfTI's first axis is x (columns); nibabel picks the format from the name, so the
+                # compressed bytes are made here and written under the temporary name.
+                nifti = nib.Nifti1Image(np.ascontiguousarray(array.T), np.eye(4))
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(gzip.compress(nifti.to_bytes()))
+            written.append(str(path))
+    return written
+
+
+def run_predict(
+    inputs: str | Sequence[str],
+    checkpoint: str,
+    output_dir: str,
+    clicks: str | None = None,
+    formats: str | Sequence[str] = "png",
+    config: str | os.PathLike = DEFAULT_CONFIG,
+    **overrides,
+) -> dict:
+    """Predict every image of ``inputs``; an image that fails is reported and the others go on."""
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    unknown = sorted(set(formats) - set(OUTPUT_FORMATS))
+    if unknown:
+        raise SPPNetError(f"unknown output format(s) {unknown}; choose from {OUTPUT_FORMATS}.")
+    images = find_images(inputs)
+    click_map = read_clicks_file(clicks) if clicks else {}
+    predictor = Predictor(checkpoint, config, **overrides)
+    out = Path(output_dir)
+    summary: dict = {"output_dir": str(out), "images": {}, "failed": {}}
+    for image in tqdm(images, desc="predict", unit="image"):
+        try:
+            mask, instances = predictor.predict(image_entry(image, click_map))
+        except Exception as err:  # one bad image must not stop the others
+            message = _root_message(err)
+            logger.warning("%s: skipped: %s", image, message)
+            summary["failed"][image] = message
+            continue
+        files = write_outputs(out, Path(image).stem, mask, instances, formats)
+        summary["images"][image] = {"nuclei": int(instances.max()), "nuclei_fraction": round(float(mask.mean()), 4), "files": files}
+    if not summary["images"]:
+        raise SPPNetError(f"no image could be processed ({len(summary['failed'])} failed; first: {next(iter(summary['failed'].values()), '')}).")
+    return summary
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost cause's message: MONAI wraps transform errors in long 'applying transform' chains."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

@@ -1,0 +1,146 @@
+"""``predict``: the bundle's inference pipeline from the command line, tiling, outputs and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sppnet_monai.data.prepare import prepare_demo
+from sppnet_monai.inferers import PromptedSlidingWindowInferer
+from sppnet_monai.networks import SPPNet
+from sppnet_monai.predict import Predictor, run_predict
+from sppnet_monai.utils import SPPNetError
+
+PIXEL_MEAN = [123.675, 116.28, 103.53]
+PIXEL_STD = [58.395, 57.12, 57.375]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(SPPNet(image_size=64).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("demo")
+    prepare_demo(dst, num_images=3, image_size=64, seed=1)
+    return dst / "images"
+
+
+def test_tiling_matches_a_single_pass_when_the_image_fits():
+    torch.manual_seed(0)
+    net = SPPNet(image_size=64).eval()
+    image = torch.randn(1, 5, 64, 64)
+    image[:, 3:] = 0
+    image[0, 3, 20, 30] = image[0, 4, 60, 2] = 1.0
+    inferer = PromptedSlidingWindowInferer(PIXEL_MEAN, PIXEL_STD, roi_size=(64, 64), overlap=0.25, mode="gaussian")
+    with torch.no_grad():
+        torch.testing.assert_close(inferer(image, net), net(image), atol=1e-5, rtol=1e-5)
+
+
+def test_every_window_gets_a_prompt():
+    """A large image is tiled; windows without the user's click get their own clicks."""
+    seen = []
+
+    def network(windows):
+        seen.append(windows[:, 3:5].flatten(2).amax(dim=2))
+        return windows[:, :1]
+
+    rgb = np.full((3, 150, 150), 230.0, np.float32)
+    rgb[:, 30:40, 30:40] = 60.0  # dark nuclei in several windows
+    rgb[:, 110:120, 100:110] = 60.0
+    image = torch.zeros(1, 5, 150, 150)
+    image[0, :3] = (torch.from_numpy(rgb) - torch.tensor(PIXEL_MEAN)[:, None, None]) / torch.tensor(PIXEL_STD)[:, None, None]
+    image[0, 3, 35, 35] = 1.0  # the user's click: in the first windows only
+    inferer = PromptedSlidingWindowInferer(PIXEL_MEAN, PIXEL_STD, roi_size=(64, 64), overlap=0.25)
+    out = inferer(image, network)
+    assert out.shape == (1, 1, 150, 150)
+    peaks = torch.cat(seen)
+    assert len(peaks) > 4 and (peaks[:, 1] > 0).all()  # every window has a background click
+    # Windows over a nucleus get a positive click, the blank ones none (SAM's padding point).
+    assert 2 <= int((peaks[:, 0] > 0).sum()) < len(peaks)
+
+
+def test_predict_cli_writes_masks_and_instances(checkpoint, images, tmp_path):
+    clicks = tmp_path / "clicks.csv"
+    first = sorted(images.iterdir())[0].name
+    clicks.write_text(f"image,x,y,label\n{first},30,20,1\n{first},2,2,0\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "sppnet_monai", "predict", str(images), str(checkpoint), str(out),
+         "--clicks", str(clicks), "--formats", "png,nii", "--image_size", "64"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert len(summary["images"]) == 3 and not summary["failed"]
+    mask = np.asarray(Image.open(out / f"{Path(first).stem}_mask.png"))
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    import nibabel as nib
+
+    nifti = nib.load(str(out / f"{Path(first).stem}_mask.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(nifti.T, mask)
+    assert not list(out.glob(".*tmp*"))  # no temporary files left
+
+
+def test_large_image_is_tiled(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(big)
+    summary = run_predict(str(big), str(checkpoint), str(tmp_path / "out"), image_size=64)
+    assert np.asarray(Image.open(tmp_path / "out" / "big_mask.png")).shape == (150, 200)
+    assert summary["images"]
+
+
+def test_bad_images_are_reported_and_others_processed(checkpoint, images, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(images.iterdir())[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    clicks = tmp_path / "clicks.json"
+    name = sorted(images.iterdir())[1].name
+    clicks.write_text(json.dumps({name: {"foreground": [[500, 3]], "background": []}}))
+    summary = run_predict(str(folder), str(checkpoint), str(tmp_path / "out"), clicks=str(clicks), image_size=64)
+    assert len(summary["images"]) == 1
+    assert "broken.png" in " ".join(summary["failed"])
+    assert any("outside" in message for message in summary["failed"].values())
+
+
+def test_empty_folder_and_no_usable_image(checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SPPNetError, match="no images"):
+        run_predict(str(tmp_path / "empty"), str(checkpoint), str(tmp_path / "out"), image_size=64)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
+    with pytest.raises(SPPNetError, match="no image could be processed"):
+        run_predict(str(tmp_path / "bad"), str(checkpoint), str(tmp_path / "out"), image_size=64)
+
+
+def test_mismatched_checkpoint_is_one_line(tmp_path, images):
+    from monai.networks.nets import BasicUNet
+
+    unet = tmp_path / "unet.pt"
+    torch.save(BasicUNet(spatial_dims=2, in_channels=5, out_channels=1).state_dict(), unet)
+    result = subprocess.run(
+        [sys.executable, "-m", "sppnet_monai", "predict", str(images), str(unet), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+
+
+def test_predictor_reads_the_bundle_config(checkpoint):
+    predictor = Predictor(str(checkpoint), image_size=64)
+    assert predictor.network.image_size == 64 and predictor.threshold == 0.5
