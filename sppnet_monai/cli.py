@@ -62,6 +62,28 @@ class Commands:
 
         _report(run_benchmark(image_size=image_size, repeats=repeats, sam_vit_h=sam_vit_h, threads=threads))
 
+    def evaluate(
+        self,
+        checkpoint: str,
+        dataset_dir: str,
+        output_dir: str = "eval",
+        split: str = "validation",
+        prompt_draws: int = 1,
+        overlays: bool = False,
+        seed: int = 0,
+        config: str | None = None,
+        **overrides,
+    ) -> None:
+        """Dice/IoU (native and 256x256), AJI, PQ and F1 of a checkpoint on a prepared split.
+
+        Writes OUTPUT_DIR/metrics.json and metrics.csv; ``--overlays`` adds pictures,
+        ``--prompt_draws N`` the spread of Dice over N random prompt draws (with a violin plot).
+        """
+        from sppnet_monai.evaluate import run_evaluate
+        from sppnet_monai.predict import DEFAULT_CONFIG
+
+        _report(run_evaluate(checkpoint, dataset_dir, output_dir, split, prompt_draws, overlays, seed, config or DEFAULT_CONFIG, **overrides))
+
     def predict(
         self,
         inputs: str,

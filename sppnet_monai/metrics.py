@@ -48,8 +48,8 @@ def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice coefficient of two binary masks: ``2 |P ∩ T| / (|P| + |T|)``.
 
     Dice, "Measures of the amount of ecologic association between species", Ecology 1945.
-    ``pred`` and ``truth`` are ``(H, W)`` (any shape, the same), non-zero = foreground;
-    1.0 when both are empty.
+    ``pred`` and ``truth``: ``(H, W)`` masks (or any shape, the same for both) of any dtype,
+    non-zero = foreground. 1.0 when both are empty.
     """
     pred, truth = _binary_pair(pred, truth)
     total = int(pred.sum()) + int(truth.sum())

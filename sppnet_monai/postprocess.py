@@ -51,7 +51,7 @@ def _seeds(
     kept[0] = False
     # A group is 8-connected but components are 4-connected: split a group that touches two
     # components diagonally, so that one marker never floods two separate components.
-    pairs = np.where(kept[groups], groups * (int(components.max()) + 1) + components, 0)
+    pairs = np.where(kept[groups], groups.astype(np.int64) * (int(components.max()) + 1) + components, 0)
     markers, _, _ = segmentation.relabel_sequential(pairs)
     return markers.astype(np.int32)
 

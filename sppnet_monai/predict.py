@@ -63,18 +63,23 @@ class Predictor:
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.threshold = float(parser.get_parsed_content("threshold"))
+        self.pixel_mean = parser.get_parsed_content("pixel_mean")
+        self.pixel_std = parser.get_parsed_content("pixel_std")
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
 
+    def prepare(self, entry: dict) -> torch.Tensor:
+        """The network input ``(5, H, W)`` of one ``{"image", "foreground", "background"}`` entry."""
+        return self.preprocessing(entry)["image"]
+
     @torch.no_grad()
-    def probabilities(self, entry: dict) -> np.ndarray:
-        """Nucleus probability ``(H, W)`` float32 for one ``{"image", "foreground", "background"}`` entry."""
-        image = self.preprocessing(entry)["image"]
+    def probabilities(self, image: torch.Tensor) -> np.ndarray:
+        """Nucleus probability ``(H, W)`` float32 of a prepared ``(5, H, W)`` image (tiled if large)."""
         logits = self.inferer(image[None].to(self.device), self.network)
         return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
 
     def predict(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
         """Binary nuclei mask ``(H, W)`` bool and instance label map ``(H, W)`` int32."""
-        mask = self.probabilities(entry) > self.threshold
+        mask = self.probabilities(self.prepare(entry)) > self.threshold
         return mask, instances_from_semantic(mask, **self.instance_postprocess)
 
 

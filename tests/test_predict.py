@@ -144,3 +144,22 @@ def test_mismatched_checkpoint_is_one_line(tmp_path, images):
 def test_predictor_reads_the_bundle_config(checkpoint):
     predictor = Predictor(str(checkpoint), image_size=64)
     assert predictor.network.image_size == 64 and predictor.threshold == 0.5
+
+
+def test_evaluate_cli_reports_every_metric_and_prompt_spread(checkpoint, tmp_path):
+    dataset = tmp_path / "data"
+    prepare_demo(dataset, num_images=4, image_size=64, seed=2, val_fraction=0.5)
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "sppnet_monai", "evaluate", str(checkpoint), str(dataset), "--output_dir", str(out),
+         "--prompt_draws", "3", "--overlays", "--image_size", "64"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("dice", "iou", "dice_256", "iou_256", "aji", "pq", "f1"):
+        assert set(metrics[key]) == {"mean", "std", "per_image"} and len(metrics[key]["per_image"]) == 2
+        assert 0.0 <= metrics[key]["mean"] <= 1.0
+    assert metrics["prompt_draws"]["draws"] == 3 and len(metrics["prompt_draws"]["mean_dice_per_draw"]) == 3
+    assert (out / "prompt_draws_violin.png").is_file() and len(list((out / "overlays").glob("*.png"))) == 2
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "image,dice,iou,dice_256,iou_256,aji,pq,f1"
