@@ -25,7 +25,7 @@ CONFIGS = REPO / "bundle" / "configs"
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 TRAIN = [str(CONFIGS / "train.json"), str(CONFIGS / "fast_cpu.json")]
-TINY = {"image_size": 64, "batch_size": 2, "max_epochs": 2}
+TINY = {"image_size": 64, "batch_size": 2, "max_epochs": 2, "val_interval": 1}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,51 @@ def test_resume_after_kill(dataset, tmp_path):
     assert "Epoch: 1/4" not in second.stdout  # epoch 1 is not trained again
     assert (tmp_path / "models" / "checkpoint_epoch=4.pt").is_file()
     load_checkpoint(SPPNet(image_size=64), tmp_path / "models" / "model.pt")
+
+
+def test_checkpoint_carries_validation_state_and_recipe(trained):
+    """A resume restores the best-model saver and early stopping, and knows the recipe it came from."""
+    state = torch.load(trained / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)
+    assert state["best_model_saver"]["_saved"], "best-model list not saved"
+    assert "counter" in state["early_stop"] and state["early_stop"]["best_score"] is not None
+    assert state["recipe"]["image_size"] == "64"
+
+
+def test_resume_refuses_another_recipe(capsys, trained, dataset, tmp_path):
+    (tmp_path / "models").mkdir()
+    for path in (trained / "models").glob("checkpoint_epoch=*.pt"):
+        (tmp_path / "models" / path.name).write_bytes(path.read_bytes())
+    workflow = ConfigWorkflow(
+        config_file=TRAIN, meta_file=META, logging_file=LOGGING, workflow_type="train",
+        bundle_root=str(tmp_path), dataset_dir=str(dataset), fusion="concat", **TINY,
+    )
+    with pytest.raises(BundleInputError):
+        workflow.initialize()
+        workflow.run()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "another training recipe (fusion 'add' -> 'concat')" in errors[0], errors
+
+
+def test_validation_clicks_are_redrawn_identically_each_run():
+    """Every validation run sees the same clicks, so Dice changes only when the network does."""
+    import numpy as np
+    from ignite.engine import Engine
+    from monai.transforms import Compose
+
+    from sppnet_monai.transforms import CenterNeighborhoodPointSampled
+    from sppnet_monai.workflows import ReseedRandomTransforms
+
+    label = np.zeros((1, 32, 32), dtype=np.int32)
+    label[0, 4:12, 4:12], label[0, 18:30, 16:28] = 1, 2
+    sampler = Compose([CenterNeighborhoodPointSampled(label_key="label", sigma=3.0)])
+    clicks: list = []
+    engine = Engine(lambda e, batch: clicks.append(sampler({"label": label})["foreground"]))
+    ReseedRandomTransforms(sampler, seed=1).attach(engine)
+    engine.run(range(5), max_epochs=1)
+    first = list(clicks)
+    clicks.clear()
+    engine.run(range(5), max_epochs=1)
+    assert clicks == first and len({str(c) for c in first}) > 1  # same sequence, not a constant click
 
 
 def test_torchrun_two_processes_on_cpu(dataset, tmp_path):

@@ -1,12 +1,13 @@
 """What the bundle configs call: dataset resolution, pretrained weights, resuming, TensorBoard handlers."""
 
 from sppnet_monai.workflows.datasets import datalist_split, image_datalist, resolve_dataset
-from sppnet_monai.workflows.handlers import LearningRateTensorBoardHandler, PromptOverlayTensorBoardHandler, ResumableTrainingState
+from sppnet_monai.workflows.handlers import LearningRateTensorBoardHandler, PromptOverlayTensorBoardHandler, ReseedRandomTransforms, ResumableTrainingState
 from sppnet_monai.workflows.setup import compute_device, load_pretrained, load_trained, use_all_cpu_cores
 
 __all__ = [
     "LearningRateTensorBoardHandler",
     "PromptOverlayTensorBoardHandler",
+    "ReseedRandomTransforms",
     "ResumableTrainingState",
     "compute_device",
     "datalist_split",

@@ -1,4 +1,4 @@
-"""Ignite handlers the bundle adds to MONAI's: resuming, learning rate and prompt overlays in TensorBoard."""
+"""Ignite handlers the bundle adds to MONAI's: resuming, reseeded validation, learning rate and prompt overlays in TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
+from monai.transforms import Randomizable
 from monai.utils import convert_to_numpy
 from torch.utils.tensorboard import SummaryWriter
 
+from sppnet_monai.utils import SPPNetError
 from sppnet_monai.visualize import prompt_overlay
+from sppnet_monai.workflows.errors import exit_on_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -26,38 +29,123 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
+class _HandlerState:
+    """``state_dict``/``load_state_dict`` for the part of a MONAI handler that must survive a resume.
+
+    MONAI's :class:`CheckpointSaver` keeps its best-so-far list in an ignite ``Checkpoint`` and
+    :class:`EarlyStopHandler` its counter in an ignite ``EarlyStopping``; both are stateful but the
+    MONAI wrappers expose neither, so the state is reached through them at save/load time.
+    """
+
+    def __init__(self, handler: object) -> None:
+        self.handler = handler
+
+    def _stateful(self):
+        if isinstance(self.handler, CheckpointSaver):
+            return self.handler._key_metric_checkpoint
+        if isinstance(self.handler, EarlyStopHandler):
+            return self.handler._handler  # created by set_trainer(), before the run starts
+        raise TypeError(f"no resumable state known for {type(self.handler).__name__}")
+
+    def state_dict(self) -> dict:
+        stateful = self._stateful()
+        return dict(stateful.state_dict()) if stateful is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        stateful = self._stateful()
+        if stateful is not None and state_dict:
+            stateful.load_state_dict(state_dict)
+
+
+class _Recipe:
+    """The settings a checkpoint was trained with, saved beside it so a resume cannot mix recipes."""
+
+    def __init__(self, recipe: Mapping[str, object]) -> None:
+        self.recipe = {key: str(value) for key, value in recipe.items()}
+
+    def state_dict(self) -> dict:
+        return dict(self.recipe)
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        pass  # checked in ResumableTrainingState.attach, before training starts
+
+
 class ResumableTrainingState:
     """Save the training state after every epoch and resume from the latest save on the next run.
 
-    The state is ``save_dict`` (network, optimizer, scheduler, ...) plus the trainer itself (epoch
-    and iteration counters), added when attached so that the config needs no self-reference.
-    MONAI's :class:`CheckpointSaver` writes ``ckpt_dir/checkpoint_epoch=N.pt`` (the last one kept);
-    MONAI's :class:`CheckpointLoader` restores it before the first epoch of a rerun. In distributed
-    runs every rank resumes but only one (``save=True``) writes.
+    The state is ``save_dict`` (network, optimizer, scheduler, ...), the trainer itself (epoch and
+    iteration counters, added when attached so that the config needs no self-reference), the
+    validation handlers' memory in ``validation_state`` (best-model saver, early stopping: without
+    it a resumed run would overwrite ``model.pt`` with a worse model) and ``recipe``, the settings
+    that make checkpoints incompatible (dataset, network): a checkpoint from another recipe stops
+    the run with one line instead of silently continuing it.
+
+    MONAI's :class:`CheckpointSaver` writes ``ckpt_dir/checkpoint_epoch=N.pt`` atomically (the last
+    one kept); MONAI's :class:`CheckpointLoader` restores it before the first epoch of a rerun.
+    Attach it after the other trainer handlers so the save follows validation and the scheduler
+    step of the same epoch. In distributed runs every rank resumes but only one (``save=True``) writes.
     """
 
     def __init__(
         self,
         ckpt_dir: str,
         save_dict: Mapping[str, object],
+        validation_state: Mapping[str, object] | None = None,
+        recipe: Mapping[str, object] | None = None,
         map_location: str | torch.device | None = None,
         save: bool = True,
     ) -> None:
         self.ckpt_dir = ckpt_dir
         self.save_dict = dict(save_dict)
+        self.validation_state = {key: _HandlerState(handler) for key, handler in (validation_state or {}).items()}
+        self.recipe = _Recipe(recipe or {})
         self.map_location = map_location
         self.save = save
 
+    @exit_on_user_error
+    def check_recipe(self, path: Path) -> None:
+        """Raise :class:`SPPNetError` when ``path`` was trained with settings other than this run's."""
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False).get("recipe", {})
+        except Exception as err:
+            raise SPPNetError(f"{path}: cannot be read to resume from ({err}); delete it or use another bundle_root") from err
+        changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in self.recipe.recipe.items() if key in saved and saved[key] != value]
+        if changed:
+            raise SPPNetError(
+                f"{path}: written by another training recipe ({', '.join(changed)}); "
+                "use a fresh bundle_root or remove its models/ to start over"
+            )
+
     def attach(self, engine: Engine) -> None:
-        state = {**self.save_dict, "trainer": engine}
+        state = {**self.save_dict, **self.validation_state, "recipe": self.recipe, "trainer": engine}
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             logger.info("no checkpoint in %s: training starts at epoch 1", self.ckpt_dir)
         else:
+            self.check_recipe(path)
             logger.info("resuming from %s", path)
             CheckpointLoader(load_path=str(path), load_dict=state, map_location=self.map_location).attach(engine)
         if self.save:
             CheckpointSaver(save_dir=self.ckpt_dir, save_dict=state, save_interval=1, n_saved=1, epoch_level=True).attach(engine)
+
+
+class ReseedRandomTransforms:
+    """Reseed a transform's random draws at the start of every run of the engine it is attached to.
+
+    On the evaluator this makes every validation see the same clicks, so the Dice curve (and the
+    choice of the best model) reflects the network and not the luck of a click draw. It acts on the
+    transforms of the main process: keep the validation data loader at ``num_workers=0``.
+    """
+
+    def __init__(self, transform: Randomizable, seed: int = 0) -> None:
+        self.transform = transform
+        self.seed = seed
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.transform.set_random_state(seed=self.seed)
 
 
 class LearningRateTensorBoardHandler:
