@@ -20,7 +20,6 @@ from tqdm import tqdm
 from sppnet_monai.data.image_io import read_mask, write_json, write_png
 from sppnet_monai.metrics import dice_score, score_image, summarise
 from sppnet_monai.predict import DEFAULT_CONFIG, Predictor
-from sppnet_monai.transforms import CenterNeighborhoodPointSampled
 from sppnet_monai.utils import atomic_path
 from sppnet_monai.visualize import prompt_overlay
 from sppnet_monai.workflows.datasets import datalist_split
@@ -44,7 +43,7 @@ def run_evaluate(
     """Score ``checkpoint`` on ``split`` of a prepared dataset; writes metrics.json, metrics.csv (and overlays)."""
     entries = datalist_split(dataset_dir, split)
     predictor = Predictor(checkpoint, config, **overrides)
-    sampler = CenterNeighborhoodPointSampled(label_key="label")
+    sampler = predictor.parser.get_parsed_content("prompt_sampler")
     sampler.set_random_state(seed)
     out = Path(output_dir)
     per_image, names, draw_dice = [], [], []

@@ -54,6 +54,8 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str, config: str | os.PathLike = DEFAULT_CONFIG, **overrides) -> None:
+        if not Path(config).is_file():
+            raise SPPNetError(f"inference config {config} not found; pass --config path/to/bundle/configs/inference.json")
         parser = ConfigParser()
         parser.read_config(str(config))
         parser.update({"checkpoint": checkpoint, **overrides})

@@ -246,6 +246,39 @@ def test_datalist_entry_with_missing_file(capsys, tmp_path, dataset):
     assert "missing.png does not exist" in message
 
 
+def test_label_size_differs_from_image(capsys, tmp_path, dataset):
+    import numpy as np
+    from PIL import Image
+
+    content = json.loads((dataset / "datalist.json").read_text())
+    data = tmp_path / "data"
+    data.mkdir()
+    for sub in ("images", "labels"):
+        (data / sub).symlink_to(dataset / sub)
+    Image.fromarray(np.zeros((32, 48), dtype=np.uint16)).save(data / "small_label.png")
+    content["training"][0]["label"] = "small_label.png"
+    (data / "datalist.json").write_text(json.dumps(content))
+    message = _run_expecting_error(capsys, tmp_path, dataset_dir=str(data))
+    assert "small_label.png is 48x32 but image" in message and "is 64x64" in message
+
+
+def test_inference_click_outside_image(capsys, trained, dataset, tmp_path):
+    first = sorted((dataset / "images").glob("*.png"))[0]
+    clicks = tmp_path / "clicks.json"
+    clicks.write_text(json.dumps({first.name: {"foreground": [[500, 5]]}}))
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING, workflow_type="infer",
+        bundle_root=str(trained), input_dir=str(dataset / "images"), clicks_file=str(clicks),
+        output_dir=str(tmp_path / "pred"), image_size=64,
+    )
+    with pytest.raises(BundleInputError):
+        workflow.initialize()
+        workflow.run()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"foreground click [500, 5] is outside {first} (64x64" in errors[0], errors
+    assert not (tmp_path / "pred").exists()
+
+
 def test_checkpoint_of_another_architecture(capsys, tmp_path, dataset):
     unet = tmp_path / "unet.pt"
     torch.save(BasicUNet(spatial_dims=2, in_channels=5, out_channels=1).state_dict(), unet)

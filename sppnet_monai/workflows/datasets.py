@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from monai.data import load_decathlon_datalist
+from PIL import Image
 
 from sppnet_monai.utils import SPPNetError
 from sppnet_monai.workflows.errors import exit_on_user_error
@@ -59,6 +60,12 @@ def datalist_split(dataset_dir: str, split: str) -> list[dict]:
                 raise SPPNetError(f"datalist {datalist_file}: a {split!r} entry has no {key!r}: {entry}")
             if not os.path.isfile(entry[key]):
                 raise SPPNetError(f"datalist {datalist_file}: {split!r} {key} {entry[key]} does not exist.")
+        image_size, label_size = image_file_size(entry["image"]), image_file_size(entry["label"])
+        if image_size != label_size:
+            raise SPPNetError(
+                f"datalist {datalist_file}: label {entry['label']} is {label_size[0]}x{label_size[1]} "
+                f"but image {entry['image']} is {image_size[0]}x{image_size[1]} (width x height)."
+            )
     logger.info("%s: %d images from %s", split, len(entries), datalist_file)
     return entries
 
@@ -103,7 +110,29 @@ def image_datalist(input_dir: str, pattern: str = "*.png", clicks_file: str | No
     return [image_entry(image, clicks) for image in images]
 
 
+def image_file_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (the bundle reads images with Pillow)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError) as err:
+        raise SPPNetError(f"{path} cannot be read as an image: {err}") from err
+
+
 def image_entry(image: str, clicks: dict) -> dict:
-    """The inference entry of ``image`` with its clicks from a :func:`read_clicks_file` mapping."""
+    """The inference entry of ``image`` with its clicks from a :func:`read_clicks_file` mapping.
+
+    Raises :class:`SPPNetError` naming the image and click when a given click lies outside the image.
+    """
     given = clicks.get(Path(image).name, {})
+    if given:
+        width, height = image_file_size(image)
+        for kind in ("foreground", "background"):
+            for click in given.get(kind, []):
+                try:
+                    x, y = (float(value) for value in click)
+                except (TypeError, ValueError) as err:
+                    raise SPPNetError(f"{kind} click {click!r} for {image} is not an [x, y] pair.") from err
+                if not (-0.5 <= x < width - 0.5 and -0.5 <= y < height - 0.5):
+                    raise SPPNetError(f"{kind} click {click} is outside {image} ({width}x{height}, clicks are [x, y]).")
     return {"image": image, "foreground": given.get("foreground", []), "background": given.get("background", [])}
