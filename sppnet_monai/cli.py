@@ -56,11 +56,19 @@ class Commands:
         net = SPPNet(image_size=image_size, fusion=fusion)
         _report(network_info(net, image_size=image_size))
 
-    def benchmark(self, image_size: int = 1024, repeats: int = 5, sam_vit_h: bool = False, threads: int | None = None) -> None:
+    def benchmark(
+        self,
+        image_size: int = 1024,
+        repeats: int = 5,
+        sam_vit_h: bool = False,
+        threads: int | None = None,
+        train_crop: int = 256,
+        train_batch: int = 4,
+    ) -> None:
         """Time SPPNet (per image, per extra click, training) and SAM ViT-B (ViT-H with --sam_vit_h) as JSON."""
         from sppnet_monai.benchmark import run_benchmark
 
-        _report(run_benchmark(image_size=image_size, repeats=repeats, sam_vit_h=sam_vit_h, threads=threads))
+        _report(run_benchmark(image_size, train_crop, train_batch, repeats, sam_vit_h=sam_vit_h, threads=threads))
 
     def evaluate(
         self,

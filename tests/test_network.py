@@ -1,5 +1,6 @@
 """SPPNet network: shapes, the three call paths, the paper's size, and bad input."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -160,3 +161,21 @@ def test_click_outside_image(net):
     net.decode(features, torch.tensor([[[5.0, 5.0], [-10.0, 99.0]]]), torch.tensor([[1, -1]]))
     with pytest.raises(ValueError, match=r"\(P, N, 2\)"):
         net.decode(features, torch.tensor([[5.0, 5.0]]), torch.tensor([1]))
+
+
+def test_optimize_for_inference_keeps_outputs():
+    """Folded batch norms and channels-last weights give the same masks as the network as trained."""
+    net = SPPNet(image_size=64).eval()
+    with torch.no_grad():
+        for module in net.modules():  # non-trivial statistics, so that folding them matters
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+        image = torch.randn(2, 5, 48, 64).clamp(min=0)
+        image[:, 3:] = 0
+        image[:, 3, 20, 30] = image[:, 4, 2, 2] = 1.0
+        expected = net(image)
+        fast = copy.deepcopy(net).optimize_for_inference()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.image_encoder.modules())
+        torch.testing.assert_close(fast(image), expected, atol=1e-4, rtol=1e-4)

@@ -54,3 +54,11 @@ class TinyViTImageEncoder(nn.Module):
         x = self.patch_embed(x)
         x = self.stages(x)
         return self.neck(x)
+
+    @torch.no_grad()
+    def fuse_conv_norms(self) -> None:
+        """Replace every ``ConvNorm`` (conv + batch norm) by its folded convolution, in place (inference only)."""
+        for module in list(self.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, tiny_vit.ConvNorm):
+                    setattr(module, name, child.fuse())

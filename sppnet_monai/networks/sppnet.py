@@ -134,6 +134,20 @@ class SPPNet(nn.Module):
             self.llsie_input_size = self.mask_size * (2 if pool else 1)
             self.llsie = nn.Sequential(LLSIE(3, embed_dim // 8), nn.MaxPool2d(2) if pool else nn.Identity())
 
+    @torch.no_grad()
+    def optimize_for_inference(self) -> "SPPNet":
+        """Make this network faster for inference, in place, with the same outputs (within float rounding).
+
+        Folds each batch norm of the Tiny-ViT encoder into the convolution before it (timm's
+        ``ConvNorm.fuse``) and stores the weights channels-last, the layout oneDNN's convolutions are
+        fastest in on CPU. Call it after loading weights: the folded network has no batch-norm
+        statistics left, so it cannot be trained or save a checkpoint in this project's format.
+        """
+        self.eval()
+        self.image_encoder.fuse_conv_norms()
+        self.to(memory_format=torch.channels_last)
+        return self
+
     @property
     def fusion(self) -> str:
         return self.mask_decoder.fusion
@@ -143,6 +157,7 @@ class SPPNet(nn.Module):
         _check_image(image, 3, self.image_size)
         height, width = image.shape[-2:]
         padded = F.pad(image, (0, self.image_size - width, 0, self.image_size - height))
+        padded = padded.contiguous(memory_format=_memory_format(self))
         embeddings = self.image_encoder(padded)
         low_level = None
         if self.llsie is not None:
@@ -197,6 +212,12 @@ class SPPNet(nn.Module):
         masks = F.interpolate(low_res_masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         height, width = features.input_size
         return SPPNetOutput(masks[..., :height, :width], iou_predictions, low_res_masks)
+
+
+def _memory_format(module: nn.Module) -> torch.memory_format:
+    """Channels-last when ``module``'s first convolution weight is (see ``optimize_for_inference``)."""
+    weight = next(m.weight for m in module.modules() if isinstance(m, nn.Conv2d))
+    return torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous() else torch.contiguous_format
 
 
 def _check_image(image: torch.Tensor, channels: int, max_size: int) -> None:

@@ -11,12 +11,11 @@ from pathlib import Path
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
+from sppnet_monai.data.datalist import DATALIST_NAME
 from sppnet_monai.utils import SPPNetError
 from sppnet_monai.workflows.errors import exit_on_user_error
 
 logger = logging.getLogger(__name__)
-
-DATALIST_NAME = "datalist.json"
 
 
 @exit_on_user_error
