@@ -1,0 +1,241 @@
+"""The MONAI Label app (monailabel_app/): a real server on 127.0.0.1, clicks over REST, a tiny trained bundle.
+
+Skipped unless the ``monailabel`` pip package is installed (it is not in requirements.txt: it pins
+numpy 1.26; see the README section "MONAI Label" for its virtual environment).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel")
+requests = pytest.importorskip("requests")
+
+from monai.bundle import ConfigWorkflow  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sppnet_monai.data.prepare import prepare_demo  # noqa: E402
+from sppnet_monai.transforms.prompt import nucleus_center  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+APP = REPO / "monailabel_app"
+MODEL = "sppnet"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Demo images as the studies folder (plus one 192x128 mosaic, larger than the network input) and a
+    bundle folder (the repository's configs + 2 epochs of training at image_size 64)."""
+    root = tmp_path_factory.mktemp("monailabel")
+    demo = root / "demo"
+    prepare_demo(demo, num_images=8, image_size=64, seed=0, val_fraction=0.25)
+    bundle = root / "bundle"
+    shutil.copytree(CONFIGS, bundle / "configs")
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "fast_cpu.json")], meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"), workflow_type="train", bundle_root=str(bundle), dataset_dir=str(demo),
+        image_size=64, batch_size=2, max_epochs=2, val_interval=1,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    assert (bundle / "models" / "model.pt").is_file()
+    studies = root / "studies"
+    studies.mkdir()
+    for image in sorted((demo / "images").glob("*.png")):
+        shutil.copy(image, studies / image.name)
+    final = studies / "labels" / "final"  # finished labels in the datastore, for /train
+    final.mkdir(parents=True)
+    for label in sorted((demo / "labels").glob("*.png")):
+        shutil.copy(label, final / label.name)
+    tiles = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((demo / "images").glob("*.png"))[:6]]
+    Image.fromarray(np.concatenate([np.concatenate(tiles[:3], 1), np.concatenate(tiles[3:], 1)], 0)).save(studies / "mosaic.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(workdir):
+    """``monailabel start_server`` in a subprocess; killed whatever happens."""
+    port = _free_port()
+    log = open(workdir / "server.log", "w")
+    cmd = [
+        sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(workdir / "studies"),
+        "--conf", "bundle", str(workdir / "bundle"), "--conf", "image_size", "64",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited ({proc.returncode}):\n{(workdir / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/info/", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError(f"server did not start:\n{(workdir / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _infer(url: str, image: str, params, output: str = "json", model: str = MODEL) -> requests.Response:
+    data = {"params": params if isinstance(params, str) else json.dumps(params)}
+    return requests.post(f"{url}/infer/{model}", params={"image": image, "output": output}, data=data, timeout=120)
+
+
+def _centre(workdir: Path, name: str, instance: int = 1) -> list[int]:
+    label = np.asarray(Image.open(workdir / "demo" / "labels" / f"{name}.png"))
+    return list(nucleus_center(label == instance))
+
+
+def test_info_lists_the_model(server):
+    url, _ = server
+    info = requests.get(f"{url}/info/", timeout=30).json()
+    assert MODEL in info["models"]
+    assert MODEL in info["trainers"]
+
+
+def test_click_returns_mask_covering_the_nucleus_then_reuses_the_embedding(server, workdir):
+    url, _ = server
+    x, y = _centre(workdir, "demo_003")
+    first = _infer(url, "demo_003", {"foreground": [[x, y]]})
+    assert first.status_code == 200, first.text
+    result = first.json()
+    assert result["windows"][0]["embedding_cached"] is False
+    assert result["windows"][0]["background_auto"] is True and len(result["windows"][0]["background"]) == 1
+    runs = result["encoder_runs"]
+    assert result["nuclei_count"] >= 1 and result["nuclei"][0]["contour"]
+
+    image = _infer(url, "demo_003", {"foreground": [[x, y]]}, output="image")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    from io import BytesIO
+
+    mask = np.asarray(Image.open(BytesIO(image.content)))
+    assert mask.shape == (64, 64)
+    assert mask[y, x] == 1, "the returned mask does not cover the clicked nucleus"
+    assert any(  # the clicked pixel lies inside one returned nucleus contour's bounding box
+        min(p[0] for p in n["contour"]) <= x <= max(p[0] for p in n["contour"])
+        and min(p[1] for p in n["contour"]) <= y <= max(p[1] for p in n["contour"])
+        for n in result["nuclei"]
+    )
+
+    # A second click elsewhere on the same image, with a user background click: no encoder run.
+    x2, y2 = _centre(workdir, "demo_003", 2)
+    second = _infer(url, "demo_003", {"foreground": [[x2, y2]], "background": [[0, 0]]}).json()
+    assert second["windows"][0]["embedding_cached"] is True
+    assert second["windows"][0]["background_auto"] is False and second["windows"][0]["background"] == [[0, 0]]
+    assert second["encoder_runs"] == runs
+
+
+def test_large_image_is_processed_in_the_clicks_window(server):
+    url, _ = server
+    result = _infer(url, "mosaic", {"foreground": [[150, 100]]}).json()
+    assert result["image_size"] == [192, 128]
+    assert result["windows"][0]["window"] == [128, 64, 64, 64]  # 64x64 around the click, not a resize
+    both = _infer(url, "mosaic", {"foreground": [[150, 100], [10, 10]]}).json()
+    assert [w["embedding_cached"] for w in both["windows"]] == [True, False]
+    assert both["encoder_runs"] == result["encoder_runs"] + 1
+
+
+@pytest.mark.parametrize(
+    "image, params, status, message",
+    [
+        ("demo_000", {}, 400, "at least one foreground click"),
+        ("demo_000", {"foreground": []}, 400, "at least one foreground click"),
+        ("demo_000", {"foreground": [[64, 5]]}, 400, "outside"),
+        ("demo_000", {"foreground": [[5, 5]], "background": [[-1, 5]]}, 400, "outside"),
+        ("demo_000", {"foreground": "abc"}, 400, "list of [x, y] pairs"),
+        ("demo_000", {"foreground": [[1]]}, 400, "list of [x, y] pairs"),
+        ("demo_000", {"foreground": [["a", 2]]}, 400, "list of [x, y] pairs"),
+        ("demo_000", "not json", 400, "not valid JSON"),
+        ("no_such_image", {"foreground": [[5, 5]]}, 404, "unknown image id"),
+    ],
+)
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, workdir, image, params, status, message):
+    url, proc = server
+    response = _infer(url, image, params)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+    assert proc.poll() is None
+    ok = _infer(url, "demo_000", {"foreground": [_centre(workdir, "demo_000")]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_unknown_model_is_404(server):
+    url, _ = server
+    response = _infer(url, "demo_000", {"foreground": [[5, 5]]}, model="nope")
+    assert response.status_code == 404 and "unknown model" in response.json()["detail"]
+
+
+def test_memory_is_stable_over_50_clicks(server, workdir):
+    url, proc = server
+    label = np.asarray(Image.open(workdir / "demo" / "labels" / "demo_005.png"))
+    centres = [list(nucleus_center(label == i)) for i in np.unique(label) if i]
+    for i in range(5):  # warm-up: allocator pools, first-call caches
+        assert _infer(url, "demo_005", {"foreground": [centres[i % len(centres)]]}).status_code == 200
+    before = _rss_kib(proc.pid)
+    for i in range(50):
+        response = _infer(url, "demo_005", {"foreground": [centres[i % len(centres)]]}, output="all")
+        assert response.status_code == 200, response.text
+    after = _rss_kib(proc.pid)
+    runs = _infer(url, "demo_005", {"foreground": [centres[0]]}).json()["encoder_runs"]
+    print(f"\nserver RSS before 50 clicks: {before / 1024:.1f} MiB, after: {after / 1024:.1f} MiB, growth {(after - before) / 1024:.1f} MiB; encoder runs so far {runs}")
+    assert after - before < 64 * 1024, f"RSS grew from {before} KiB to {after} KiB over 50 clicks"
+
+
+def test_train_runs_the_bundle_training_on_the_datastore_and_the_new_model_is_served(server, workdir):
+    """Last in this module: it replaces the served model."""
+    url, proc = server
+    model = workdir / "bundle" / "models" / "model.pt"
+    before = model.stat().st_mtime_ns
+    x, y = _centre(workdir, "demo_001")
+    assert _infer(url, "demo_001", {"foreground": [[x, y]]}).json()["windows"][0]["window"] == [0, 0, 64, 64]
+    response = requests.post(
+        f"{url}/train/{MODEL}", params={"run_sync": "true"},
+        json={"max_epochs": 1, "image_size": 64, "batch_size": 2, "val_interval": 1}, timeout=600,
+    )
+    assert response.status_code == 200, response.text
+    assert model.stat().st_mtime_ns != before, f"model.pt was not replaced: {response.text[-2000:]}"
+    assert list((workdir / "bundle" / "models" / "monailabel_runs").glob("*/model.pt"))
+    datalist = json.loads((workdir / "bundle" / "data" / "monailabel" / "datalist.json").read_text())
+    assert len(datalist["training"]) + len(datalist["validation"]) == 8  # the labelled demo images, not the mosaic
+    after = _infer(url, "demo_001", {"foreground": [[x, y]]})
+    assert after.status_code == 200, after.text
+    assert after.json()["windows"][0]["embedding_cached"] is False  # new weights: embeddings recomputed
+    assert proc.poll() is None
