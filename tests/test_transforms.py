@@ -20,6 +20,7 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
+from sppnet_monai.data.image_io import to_rgb_uint8
 from sppnet_monai.transforms import (
     AddClickGuidanceChannelsd,
     CenterNeighborhoodPointSampled,
@@ -93,7 +94,9 @@ def test_loadimaged_orientation_rgba_and_16bit(tmp_path):
     assert d["label"][0, 1, 6] == 300 and d["label"][0, 4, 0] == 65535
     rgb = EnsureRGBd(keys="image")(d)["image"]
     assert isinstance(rgb, MetaTensor) and tuple(rgb.shape) == (3, h, w) and rgb.dtype == torch.float32
-    assert rgb[:, 1, 6].tolist() == [10, 20, 30]
+    alpha = 40 / 255  # composited over white
+    np.testing.assert_allclose(rgb[:, 1, 6].numpy(), [v * alpha + 255 * (1 - alpha) for v in (10, 20, 30)], rtol=1e-5)
+    assert rgb[:, 0, 0].tolist() == [255.0, 255.0, 255.0]  # fully transparent: white
     assert rgb.meta["filename_or_obj"] == str(tmp_path / "img.png")
 
 
@@ -101,9 +104,14 @@ def test_loadimaged_orientation_rgba_and_16bit(tmp_path):
     "arr, expected",
     [
         (np.full((1, 2, 3), 7, np.uint8), np.full((3, 2, 3), 7.0)),  # gray repeated
-        (np.stack([np.full((2, 3), 9), np.full((2, 3), 200)]).astype(np.uint8), np.full((3, 2, 3), 9.0)),  # LA
+        (np.stack([np.full((2, 3), 9), np.full((2, 3), 200)]).astype(np.uint8),
+         np.full((3, 2, 3), 9.0 * 200 / 255 + 255.0 * 55 / 255)),  # LA: over white
         (np.array([10, 20, 30, 0], np.uint8)[:, None, None] * np.ones((1, 2, 3), np.uint8),
-         np.array([10.0, 20.0, 30.0])[:, None, None] * np.ones((1, 2, 3))),  # RGBA: alpha dropped
+         np.full((3, 2, 3), 255.0)),  # RGBA, transparent: white
+        (np.array([10, 20, 30, 255], np.uint8)[:, None, None] * np.ones((1, 2, 3), np.uint8),
+         np.array([10.0, 20.0, 30.0])[:, None, None] * np.ones((1, 2, 3))),  # RGBA, opaque: kept
+        (np.array([65535, 0, 0, 65535], np.uint16)[:, None, None] * np.ones((1, 2, 3), np.uint16),
+         np.array([255.0, 0.0, 0.0])[:, None, None] * np.ones((1, 2, 3))),  # 16-bit RGBA, opaque
         (np.full((3, 2, 3), 65535, np.uint16), np.full((3, 2, 3), 255.0)),  # 16-bit
         (np.full((3, 2, 3), 257, np.uint16), np.full((3, 2, 3), 1.0)),  # 16-bit, dark
         (np.full((3, 2, 3), 514, np.int32), np.full((3, 2, 3), 2.0)),  # integer > 255: 16-bit
@@ -118,6 +126,15 @@ def test_ensure_rgb_cases(arr, expected):
     out = EnsureRGBd(keys="image")({"image": arr})["image"]
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == expected.shape
     np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("channels, dtype", [(4, np.uint8), (2, np.uint8), (4, np.uint16)])
+def test_ensure_rgb_matches_prepare(channels, dtype):
+    """An image read directly gets the pixels that ``prepare`` would have written (within rounding)."""
+    hwc = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (6, 5, channels), endpoint=True).astype(dtype)
+    prepared = to_rgb_uint8(hwc).astype(np.float32)
+    direct = EnsureRGBd(keys="image")({"image": np.moveaxis(hwc, -1, 0)})["image"]
+    np.testing.assert_allclose(np.moveaxis(direct, 0, -1), prepared, atol=0.51)
 
 
 def test_ensure_rgb_returns_a_new_array():
@@ -135,7 +152,8 @@ def test_ensure_rgb_keeps_type_and_meta():
     m = MetaTensor(torch.rand(4, 2, 3), meta={"filename_or_obj": "x.png"})
     out = EnsureRGBd(keys="image")({"image": m})["image"]
     assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "x.png"
-    torch.testing.assert_close(out, m[:3].as_tensor() * 255)
+    alpha = m[3:].as_tensor()
+    torch.testing.assert_close(out, m[:3].as_tensor() * 255 * alpha + 255 * (1 - alpha))
 
 
 @pytest.mark.parametrize(

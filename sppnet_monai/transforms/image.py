@@ -26,10 +26,10 @@ class EnsureRGBd(MapTransform):
     Channels:
 
     - 1 (grayscale): repeated to 3 channels.
-    - 2 (grayscale + alpha): the alpha channel is dropped, the gray channel is repeated.
+    - 2 (grayscale + alpha): composited over white, then repeated.
     - 3 (RGB): kept.
-    - 4 (RGBA): the alpha channel is dropped. The stored RGB values are kept as they are; transparent
-      pixels are not composited onto any background colour.
+    - 4 (RGBA): composited over white, the colour of an empty slide (as ``prepare`` does, so an image
+      gives the same pixels whether it is prepared first or read directly).
 
     Intensities, decided once per image on the kept channels:
 
@@ -86,6 +86,9 @@ class EnsureRGBd(MapTransform):
             rgb *= np.float32(multiplier)
         if divisor != 1.0:
             rgb /= np.float32(divisor)
+        if shape[0] in (2, 4):  # alpha, on the colour channels' scale
+            alpha = np.clip(arr[-1:].astype(np.float32) * np.float32(multiplier / divisor / _MAX_8BIT), 0.0, 1.0)
+            rgb = rgb * alpha + np.float32(_MAX_8BIT) * (1.0 - alpha)
         if rgb.shape[0] == 1:
             rgb = np.repeat(rgb, 3, axis=0)
         out, *_ = convert_to_dst_type(np.ascontiguousarray(rgb), img, dtype=np.float32)
