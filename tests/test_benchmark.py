@@ -14,6 +14,8 @@ def test_benchmark_cli_reports_every_figure(capsys):
     for key in ("seconds_per_image", "seconds_per_image_straightforward", "seconds_per_extra_click_cached_embedding"):
         assert sppnet[key] > 0, key
     assert report["sppnet_training"]["samples_per_second"] > 0
+    window = report["sppnet_at_train_crop"]
+    assert window["image_size"] == 64 and window["seconds_per_image"] > window["seconds_per_extra_click_cached_embedding"] > 0
     assert report["sam_vit_b"]["parameters_M"] > 80  # SAM ViT-B: 93.7M
     ratios = report["ratios"]
     assert ratios["sam_vit_b_over_sppnet_seconds"] == report["sam_vit_b"]["seconds_per_image"] / sppnet["seconds_per_image"]
