@@ -1,7 +1,7 @@
 """The MONAI Label app (monailabel_app/): a real server on 127.0.0.1, clicks over REST, a tiny trained bundle.
 
 Skipped unless the ``monailabel`` pip package is installed (it is not in requirements.txt: it pins
-numpy 1.26; see the README section "MONAI Label" for its virtual environment).
+numpy 1.26); ``tests/test_monailabel_env.py`` builds its virtual environment and runs this file there.
 """
 
 from __future__ import annotations

@@ -1,0 +1,41 @@
+"""The MONAI Label extra installed as the README says, and the app's integration test run inside it.
+
+``monailabel`` 0.8.5 pins numpy 1.26, so it lives in its own virtual environment
+(``.venv-monailabel``, on top of the project's packages). When this interpreter lacks it, this slow
+test builds that environment from ``monailabel_app/requirements.txt`` (once; later runs reuse it)
+and runs ``tests/test_monailabel.py`` there: ``python -m pytest -m slow tests/test_monailabel_env.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / ".venv-monailabel"
+
+
+def _has_monailabel(python: Path) -> bool:
+    return python.exists() and subprocess.run([str(python), "-c", "import monailabel"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("monailabel") is not None, reason="monailabel is installed here: tests/test_monailabel.py runs directly")
+def test_monailabel_app_in_its_own_environment():
+    python = VENV / "bin" / "python"
+    if not _has_monailabel(python):
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "wheel"], check=True)
+        # --no-build-isolation: monailabel's sam2 dependency builds against the installed torch.
+        requirements = REPO / "monailabel_app" / "requirements.txt"
+        subprocess.run([*pip, "--no-build-isolation", "-r", str(requirements)], check=True, env=os.environ | {"SAM2_BUILD_CUDA": "0"})
+    assert _has_monailabel(python)
+    tests = subprocess.run([str(python), "-m", "pytest", "-q", "-m", "slow or not slow", "tests/test_monailabel.py"], cwd=REPO)
+    assert tests.returncode == 0
