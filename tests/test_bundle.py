@@ -286,6 +286,12 @@ def test_checkpoint_of_another_architecture(capsys, tmp_path, dataset):
     assert "unet.pt is not a mobile_sam checkpoint" in message
 
 
+@pytest.mark.parametrize("image_size", [100, 32, "256"])
+def test_image_size_the_network_cannot_take(capsys, tmp_path, dataset, image_size):
+    message = _run_expecting_error(capsys, tmp_path, dataset_dir=str(dataset), image_size=image_size)
+    assert message == f"error: image_size must be a multiple of 16 and at least 64, got {image_size!r}."
+
+
 def test_bad_input_is_one_line_from_the_command_line(tmp_path):
     result = subprocess.run(
         _bundle_cmd("training", "--config_file", json.dumps(TRAIN), "--bundle_root", str(tmp_path),

@@ -18,7 +18,7 @@ from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
 from sppnet_monai.networks.llsie import LLSIE
 from sppnet_monai.networks.mask_decoder import SPPMaskDecoder
 
-__all__ = ["ImageFeatures", "SPPNet", "SPPNetOutput", "clicks_from_guidance"]
+__all__ = ["ImageFeatures", "SPPNet", "SPPNetOutput", "check_image_size", "clicks_from_guidance"]
 
 # Point labels of SAM's prompt encoder: -1 marks a padding point ("no click").
 POSITIVE, NEGATIVE, NO_POINT = 1, 0, -1
@@ -105,9 +105,8 @@ class SPPNet(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        check_image_size(image_size)
         stride = TinyViTImageEncoder.stride
-        if image_size % stride or image_size < 4 * stride:
-            raise ValueError(f"image_size must be a multiple of {stride} and at least {4 * stride}, got {image_size}.")
         self.image_size = image_size
         self.multimask_output = multimask_output
         embedding_size = image_size // stride
@@ -212,6 +211,13 @@ class SPPNet(nn.Module):
         masks = F.interpolate(low_res_masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         height, width = features.input_size
         return SPPNetOutput(masks[..., :height, :width], iou_predictions, low_res_masks)
+
+
+def check_image_size(image_size: int) -> None:
+    """Raise ValueError unless ``image_size`` is an encoder input SPPNet can take (stride-16 grid, 4 cells at least)."""
+    stride = TinyViTImageEncoder.stride
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % stride or image_size < 4 * stride:
+        raise ValueError(f"image_size must be a multiple of {stride} and at least {4 * stride}, got {image_size!r}.")
 
 
 def _memory_format(module: nn.Module) -> torch.memory_format:

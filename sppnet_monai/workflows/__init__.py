@@ -2,13 +2,14 @@
 
 from sppnet_monai.workflows.datasets import datalist_split, image_datalist, resolve_dataset
 from sppnet_monai.workflows.handlers import LearningRateTensorBoardHandler, PromptOverlayTensorBoardHandler, ReseedRandomTransforms, ResumableTrainingState
-from sppnet_monai.workflows.setup import compute_device, load_pretrained, load_trained, use_all_cpu_cores
+from sppnet_monai.workflows.setup import check_image_size, compute_device, load_pretrained, load_trained, use_all_cpu_cores
 
 __all__ = [
     "LearningRateTensorBoardHandler",
     "PromptOverlayTensorBoardHandler",
     "ReseedRandomTransforms",
     "ResumableTrainingState",
+    "check_image_size",
     "compute_device",
     "datalist_split",
     "image_datalist",

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from sppnet_monai.networks.checkpoints import load_checkpoint
+from sppnet_monai.networks.sppnet import check_image_size as check_network_image_size
+from sppnet_monai.utils import SPPNetError
 from sppnet_monai.workflows.errors import exit_on_user_error
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,16 @@ def use_all_cpu_cores() -> int:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
+
+
+@exit_on_user_error
+def check_image_size(image_size: int) -> int:
+    """Stop with one line, before anything is built, when ``image_size`` is not an SPPNet input size."""
+    try:
+        check_network_image_size(image_size)
+    except ValueError as err:
+        raise SPPNetError(str(err)) from None
+    return image_size
 
 
 @exit_on_user_error
