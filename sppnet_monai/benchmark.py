@@ -95,7 +95,10 @@ def run_benchmark(
             "torch": torch.__version__,
             "device": "cpu",
         },
-        "method": f"median of {repeats} runs after {warmup} warm-up runs (SAM: {sam_repeats} after 1)",
+        "method": (
+            f"median of timed runs after untimed warm-up runs: per image {repeats} after {warmup}, per extra click "
+            f"{repeats * 4} after {warmup}, training {max(2, repeats // 2)} after 1, SAM {sam_repeats} after 1"
+        ),
     }
     net = SPPNet(image_size=image_size).eval()
     image = _sppnet_input(image_size)

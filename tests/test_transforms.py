@@ -128,12 +128,21 @@ def test_ensure_rgb_cases(arr, expected):
     np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("channels, dtype", [(4, np.uint8), (2, np.uint8), (4, np.uint16)])
-def test_ensure_rgb_matches_prepare(channels, dtype):
+@pytest.mark.parametrize("as_float32", [False, True], ids=["file dtype", "float32 as LoadImaged gives"])
+@pytest.mark.parametrize("channels, dtype, colour_max", [
+    (4, np.uint8, 255), (2, np.uint8, 255), (4, np.uint16, 65535), (3, np.uint8, 255),
+    (4, np.uint8, 1), (4, np.uint16, 200),  # dark colours: the full-scale alpha tells the scale
+])
+def test_ensure_rgb_matches_prepare(channels, dtype, colour_max, as_float32):
     """An image read directly gets the pixels that ``prepare`` would have written (within rounding)."""
-    hwc = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (6, 5, channels), endpoint=True).astype(dtype)
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, colour_max, (6, 5, channels), endpoint=True).astype(dtype)
+    if channels in (2, 4):
+        hwc[..., -1] = rng.integers(0, np.iinfo(dtype).max, (6, 5), endpoint=True)
+        hwc[0, 0, -1] = np.iinfo(dtype).max  # an opaque pixel, as real images have
     prepared = to_rgb_uint8(hwc).astype(np.float32)
-    direct = EnsureRGBd(keys="image")({"image": np.moveaxis(hwc, -1, 0)})["image"]
+    chw = np.moveaxis(hwc, -1, 0)
+    direct = EnsureRGBd(keys="image")({"image": chw.astype(np.float32) if as_float32 else chw})["image"]
     np.testing.assert_allclose(np.moveaxis(direct, 0, -1), prepared, atol=0.51)
 
 

@@ -7,6 +7,7 @@ Coordinates of clicks are ``(x, y) = (column, row)`` in pixels of the input imag
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -216,7 +217,11 @@ class SPPNet(nn.Module):
 def check_image_size(image_size: int) -> None:
     """Raise ValueError unless ``image_size`` is an encoder input SPPNet can take (stride-16 grid, 4 cells at least)."""
     stride = TinyViTImageEncoder.stride
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % stride or image_size < 4 * stride:
+    try:
+        size = operator.index(image_size) if not isinstance(image_size, bool) else None  # ints, numpy ints
+    except TypeError:
+        size = None
+    if size is None or size % stride or size < 4 * stride:
         raise ValueError(f"image_size must be a multiple of {stride} and at least {4 * stride}, got {image_size!r}.")
 
 

@@ -28,10 +28,11 @@ class EnsureRGBd(MapTransform):
     - 1 (grayscale): repeated to 3 channels.
     - 2 (grayscale + alpha): composited over white, then repeated.
     - 3 (RGB): kept.
-    - 4 (RGBA): composited over white, the colour of an empty slide (as ``prepare`` does, so an image
-      gives the same pixels whether it is prepared first or read directly).
+    - 4 (RGBA): composited over white, the colour of an empty slide, as ``prepare`` does: a gray, LA, RGB
+      or RGBA image gives the same pixels (within rounding) whether it is prepared first or read directly.
+      Palette images are not expanded here (``PILReader`` returns their indices): prepare them first.
 
-    Intensities, decided once per image on the kept channels:
+    Intensities, decided once per image on all its channels (alpha included):
 
     - ``bool``: multiplied by 255.
     - ``uint16`` (16-bit): divided by 257, so 65535 becomes 255.
@@ -69,9 +70,10 @@ class EnsureRGBd(MapTransform):
         if kept.dtype == np.bool_:
             multiplier = _MAX_8BIT
         else:
-            if not np.issubdtype(kept.dtype, np.number) or np.issubdtype(kept.dtype, np.complexfloating):
-                raise ValueError(f"EnsureRGBd: '{key}' with shape {shape} has unsupported dtype {kept.dtype}.")
-            lo, hi = (float(kept.min()), float(kept.max())) if kept.size else (0.0, 0.0)
+            if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+                raise ValueError(f"EnsureRGBd: '{key}' with shape {shape} has unsupported dtype {arr.dtype}.")
+            # Over all channels, alpha included: a full-scale alpha tells the scale of a dark image, as in prepare.
+            lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
             if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > _MAX_16BIT:
                 raise ValueError(
                     f"EnsureRGBd: '{key}' with shape {shape} has values in [{lo:g}, {hi:g}]; expected finite "
