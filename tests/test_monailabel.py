@@ -163,6 +163,23 @@ def test_click_returns_mask_covering_the_nucleus_then_reuses_the_embedding(serve
     assert second["encoder_runs"] == runs
 
 
+def test_window_pixels_are_the_bundles_rgb(workdir, tmp_path, monkeypatch):
+    """An RGBA image: the app encodes the pixels prepare and the bundle read (alpha over white)."""
+    monkeypatch.syspath_prepend(str(APP))
+    from lib.engine import ClickSegmenter
+
+    from sppnet_monai.data.image_io import to_rgb_uint8
+
+    rgb = np.asarray(Image.open(workdir / "demo" / "images" / "demo_003.png").convert("RGB"))
+    alpha = np.tile(np.linspace(0, 255, rgb.shape[1]).astype(np.uint8), (rgb.shape[0], 1))[..., None]
+    rgba = np.concatenate([rgb, alpha], axis=-1)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    segmenter = ClickSegmenter(workdir / "bundle", image_size=64)
+    segmenter.segment(tmp_path / "rgba.png", [[32, 32]])
+    (entry,) = segmenter._cache.values()
+    np.testing.assert_array_equal(entry["rgb"], np.moveaxis(to_rgb_uint8(rgba), -1, 0).astype(np.float32))
+
+
 def test_large_image_is_processed_in_the_clicks_window(server):
     url, _ = server
     result = _infer(url, "mosaic", {"foreground": [[150, 100]]}).json()

@@ -162,9 +162,14 @@ class ClickSegmenter:
         if entry is not None:
             self._cache.move_to_end(key)
             return entry, True
+        from sppnet_monai.data.image_io import read_rgb
+        from sppnet_monai.utils import SPPNetError
+
         x0, y0, w, h = window
-        with Image.open(path) as img:
-            rgb = np.asarray(img.crop((x0, y0, x0 + w, y0 + h)).convert("RGB"), dtype=np.float32)  # (h, w, 3)
+        try:  # the project's RGB conversion (alpha over white, 16-bit scaled), as prepare and the bundle do
+            rgb = read_rgb(path)[y0 : y0 + h, x0 : x0 + w].astype(np.float32)  # (h, w, 3)
+        except SPPNetError as err:
+            raise ClickError(str(err)) from err
         chw = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
         mean = np.asarray(predictor.pixel_mean, dtype=np.float32)[:, None, None]
         std = np.asarray(predictor.pixel_std, dtype=np.float32)[:, None, None]
