@@ -106,7 +106,8 @@ class ResumableTrainingState:
     def check_recipe(self, path: Path) -> None:
         """Raise :class:`SPPNetError` when ``path`` was trained with settings other than this run's."""
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=False).get("recipe", {})
+            # Memory-mapped: only the small recipe is read here; CheckpointLoader loads the tensors once, later.
+            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("recipe", {})
         except Exception as err:
             raise SPPNetError(f"{path}: cannot be read to resume from ({err}); delete it or use another bundle_root") from err
         changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in self.recipe.recipe.items() if key in saved and saved[key] != value]
