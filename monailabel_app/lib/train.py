@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -53,7 +52,8 @@ class SPPNetTrain(TrainTask):
     def __call__(self, request: Dict[str, Any], datastore: Datastore):
         from monai.bundle import ConfigWorkflow
 
-        from sppnet_monai.data.image_io import write_json
+        from sppnet_monai.data.datalist import write_datalist
+        from sppnet_monai.utils import atomic_path
 
         pairs = sorted(datastore.datalist(), key=lambda d: d["image"])
         if len(pairs) < 2:
@@ -62,7 +62,7 @@ class SPPNetTrain(TrainTask):
         dataset_dir = self.bundle_dir / "data" / "monailabel"
         dataset_dir.mkdir(parents=True, exist_ok=True)
         entries = [{"image": d["image"], "label": d["label"]} for d in pairs]
-        write_json(dataset_dir / "datalist.json", {"training": entries[:-num_val], "validation": entries[-num_val:]})
+        write_datalist(dataset_dir, "monailabel", "MONAI Label datastore images with a final label", entries[:-num_val], entries[-num_val:])
 
         overrides = {k: OVERRIDES[k](request[k]) for k in OVERRIDES if request.get(k) not in (None, "")}
         models = self.bundle_dir / "models"
@@ -93,8 +93,7 @@ class SPPNetTrain(TrainTask):
         best = run_dir / "model.pt"
         if not best.is_file():
             raise RuntimeError(f"training wrote no {best}")
-        tmp = served.with_suffix(".pt.tmp")
-        shutil.copy2(best, tmp)
-        os.replace(tmp, served)
+        with atomic_path(served) as tmp:
+            shutil.copy2(best, tmp)
         logger.info("new model %s -> %s", best, served)
         return {"model": str(served), "run_dir": str(run_dir), "finetuned": "network" in overrides, "images": len(entries), "validation": num_val}
