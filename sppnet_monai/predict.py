@@ -20,6 +20,7 @@ from sppnet_monai.data.image_io import write_png
 from sppnet_monai.postprocess import instances_from_semantic
 from sppnet_monai.utils import SPPNetError, atomic_path
 from sppnet_monai.workflows.datasets import image_entry, read_clicks_file
+from sppnet_monai.workflows.setup import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,14 @@ class Predictor:
         checkpoint: trained weights (the bundle's ``models/model.pt``).
         config: the bundle inference config; its ids (``image_size``, ``fusion``, ``pixel_mean``,
             ``sw_overlap``, ``threshold``, ``instance_postprocess``, ...) may be overridden.
+
+    Loading one also makes the process keep freed memory for reuse (:func:`reuse_freed_memory`).
     """
 
     def __init__(self, checkpoint: str, config: str | os.PathLike = DEFAULT_CONFIG, **overrides) -> None:
         if not Path(config).is_file():
             raise SPPNetError(f"inference config {config} not found; pass --config path/to/bundle/configs/inference.json")
+        reuse_freed_memory()
         parser = ConfigParser()
         parser.read_config(str(config))
         parser.update({"checkpoint": checkpoint, **overrides})

@@ -299,3 +299,22 @@ def test_bad_input_is_one_line_from_the_command_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: no datalist.json")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc setting")
+def test_reuse_freed_memory_stops_page_faults_on_large_tensors():
+    import resource
+
+    from sppnet_monai.workflows import reuse_freed_memory
+
+    def page_faults_of_large_tensors() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            torch.ones(16 * 2**20)  # 64 MiB, over glibc's largest default mmap threshold (32 MiB)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    if not reuse_freed_memory():
+        pytest.skip("the C library is not glibc")
+    page_faults_of_large_tensors()  # grows the heap once
+    pages = 3 * 64 * 2**20 // resource.getpagesize()
+    assert page_faults_of_large_tensors() < pages // 100  # by default every block faults in afresh: ~all pages

@@ -2,7 +2,7 @@
 
 from sppnet_monai.workflows.datasets import datalist_split, image_datalist, resolve_dataset
 from sppnet_monai.workflows.handlers import LearningRateTensorBoardHandler, PromptOverlayTensorBoardHandler, ReseedRandomTransforms, ResumableTrainingState
-from sppnet_monai.workflows.setup import check_image_size, compute_device, load_pretrained, load_trained, use_all_cpu_cores
+from sppnet_monai.workflows.setup import check_image_size, compute_device, load_pretrained, load_trained, reuse_freed_memory, use_all_cpu_cores
 
 __all__ = [
     "LearningRateTensorBoardHandler",
@@ -16,5 +16,6 @@ __all__ = [
     "load_pretrained",
     "load_trained",
     "resolve_dataset",
+    "reuse_freed_memory",
     "use_all_cpu_cores",
 ]

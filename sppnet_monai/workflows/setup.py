@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import sys
 
 import torch
 from torch import nn
@@ -26,6 +29,28 @@ def use_all_cpu_cores() -> int:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next tensor instead of returning it to the system.
+
+    By default glibc maps every block over 32 MiB afresh and unmaps it when freed, so each large
+    activation (a 1024x1024 image gives many of 64 MiB) costs thousands of page faults: that made
+    elementwise layers such as GELU 3-7x slower than their arithmetic on CPU. With this setting the
+    process keeps its peak memory for reuse, as PyTorch's CUDA caching allocator does on GPU.
+    Returns False where the C library is not glibc (nothing changes there).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only: musl also has a mallopt that does nothing
+    except (OSError, AttributeError):
+        return False
+    del gnu_get_libc_version
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    largest_int = 2**31 - 1
+    return bool(libc.mallopt(m_mmap_threshold, largest_int // 2) and libc.mallopt(m_trim_threshold, largest_int))
 
 
 @exit_on_user_error
