@@ -107,10 +107,16 @@ def test_sam_prompt_encoder_and_decoder_equivalence(sam_checkpoint):
     with torch.no_grad():
         sparse, dense = reference.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         ref_masks, ref_iou = reference.mask_decoder(embedding, reference.prompt_encoder.get_dense_pe(), sparse, dense, False)
-        ours = net.decode(net.encode(torch.zeros(1, 3, 1024, 1024))._replace(embeddings=embedding), coords, labels)
+        features = net.encode(torch.zeros(1, 3, 1024, 1024))._replace(embeddings=embedding, decoder_cache=None)
+        ours = net.decode(features, coords, labels)
+        # The per-click path: segment-anything's transformer evaluated against the cached image tokens.
+        pe = net.prompt_encoder.get_dense_pe()
+        cache = net.mask_decoder.cache_image(embedding, pe, dense)
+        cached_masks, cached_iou = net.mask_decoder(embedding, None, sparse, dense, False, image_cache=cache)
     assert ref_masks.abs().mean() > 0.1
-    torch.testing.assert_close(ours.low_res_masks, ref_masks, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ours.iou_predictions, ref_iou, atol=1e-4, rtol=0)
+    for masks, iou in ((ours.low_res_masks, ours.iou_predictions), (cached_masks, cached_iou)):
+        torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=0)
+        torch.testing.assert_close(iou, ref_iou, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"network": sd, "optimizer": {}},

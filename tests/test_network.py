@@ -178,4 +178,31 @@ def test_optimize_for_inference_keeps_outputs():
         expected = net(image)
         fast = copy.deepcopy(net).optimize_for_inference()
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.image_encoder.modules())
+        assert not any(getattr(m, "fused_attn", False) for m in fast.image_encoder.modules())
         torch.testing.assert_close(fast(image), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fusion,multimask", [("add", False), ("concat", True), ("none", False)])
+def test_cached_decoding_matches_segment_anything(fusion, multimask):
+    """Eval-mode features carry the decoder's per-image work; decoding with it equals SAM's own transformer."""
+    torch.manual_seed(1)
+    net = SPPNet(image_size=64, fusion=fusion, multimask_output=multimask).eval()
+    with torch.no_grad():
+        for module in net.mask_decoder.transformer.modules():  # non-trivial norms and biases
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+        images = _image(2, 64, 64)[:, :3]
+        one, two = net.encode(images[:1]), net.encode(images)
+        assert one.decoder_cache is not None
+        many = torch.tensor([[[40.0, 12.0], [5.0, 60.0]], [[20.0, 30.0], [0.0, 0.0]], [[1.0, 1.0], [63.0, 2.0]]])
+        labels = torch.tensor([[1, 0], [1, -1], [1, 0]])
+        for features, coords, point_labels in ((one, many, labels), (two, many[:2], labels[:2])):
+            cached = net.decode(features, coords, point_labels)
+            reference = net.decode(features._replace(decoder_cache=None), coords, point_labels)
+            assert reference.masks.abs().mean() > 0.01
+            torch.testing.assert_close(cached.low_res_masks, reference.low_res_masks, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(cached.iou_predictions, reference.iou_predictions, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="image_embeddings has batch 2 but there are 3 prompts"):
+            net.decode(two, many, labels)
+    assert net.train().encode(images).decoder_cache is None

@@ -8,17 +8,22 @@ import torch
 from segment_anything.modeling import MaskDecoder
 from torch import nn
 
+from sppnet_monai.networks.cached_decoding import CachedImageTokens, cache_image_tokens, two_way_transformer
+
 __all__ = ["FUSION_MODES", "SPPMaskDecoder"]
 
 FUSION_MODES = ("add", "concat", "none")
 
 
+def _check_batch(x: torch.Tensor, batch: int, name: str) -> None:
+    """A per-image tensor pairs with ``batch`` prompts when its batch is ``batch`` or 1."""
+    if x.shape[0] not in (batch, 1):
+        raise ValueError(f"{name} has batch {x.shape[0]} but there are {batch} prompts; expected {batch} or 1.")
+
+
 def _expand_to(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     """Broadcast a per-image tensor to ``batch`` prompts: its batch must be ``batch`` or 1."""
-    if x.shape[0] == batch:
-        return x
-    if x.shape[0] != 1:
-        raise ValueError(f"{name} has batch {x.shape[0]} but there are {batch} prompts; expected {batch} or 1.")
+    _check_batch(x, batch, name)
     return x.expand(batch, *x.shape[1:])
 
 
@@ -34,6 +39,11 @@ class SPPMaskDecoder(MaskDecoder):
     - ``low_level_features`` (B or 1, transformer_dim / 8, 4h, 4w) from LLSIE are fused with the
       upscaled embedding before the hypernetwork product: ``"add"`` as in the released code,
       ``"concat"`` + 1x1 convolution as in the paper's text, ``"none"`` for the ablation without LLSIE.
+
+    For many prompts on one image, :meth:`cache_image` does the transformer's per-image work once;
+    passed as ``image_cache``, it stands for the image embedding, positional encoding (which may then
+    be None) and dense prompt embedding, and the masks are the same within float rounding (see
+    ``cached_decoding``).
     """
 
     def __init__(self, *, fusion: str = "add", **kwargs) -> None:
@@ -48,15 +58,16 @@ class SPPMaskDecoder(MaskDecoder):
     def forward(
         self,
         image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
+        image_pe: Optional[torch.Tensor],
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         low_level_features: Optional[torch.Tensor] = None,
+        image_cache: Optional[CachedImageTokens] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Masks ``(P, M, 4h, 4w)`` logits and IoU predictions ``(P, M)``; M = 1, or 3 with ``multimask_output``."""
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, low_level_features
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, low_level_features, image_cache
         )
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, mask_slice], iou_pred[:, mask_slice]
@@ -64,21 +75,27 @@ class SPPMaskDecoder(MaskDecoder):
     def predict_masks(
         self,
         image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
+        image_pe: Optional[torch.Tensor],
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         low_level_features: Optional[torch.Tensor] = None,
+        image_cache: Optional[CachedImageTokens] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         num_prompts = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(num_prompts, -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
-        src = _expand_to(image_embeddings, num_prompts, "image_embeddings") + dense_prompt_embeddings
-        pos_src = _expand_to(image_pe, num_prompts, "image_pe")
-        b, c, h, w = src.shape
-
-        hs, src = self.transformer(src, pos_src, tokens)
+        if image_cache is None:
+            src = _expand_to(image_embeddings, num_prompts, "image_embeddings") + dense_prompt_embeddings
+            pos_src = _expand_to(image_pe, num_prompts, "image_pe")
+            b, c, h, w = src.shape
+            hs, src = self.transformer(src, pos_src, tokens)
+        else:
+            _check_batch(image_cache.keys, num_prompts, "image_embeddings")
+            h, w = image_cache.size
+            hs, src = two_way_transformer(self.transformer, image_cache, tokens)
+            b, c = src.shape[0], src.shape[2]
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
 
@@ -91,6 +108,12 @@ class SPPMaskDecoder(MaskDecoder):
         b, c, h, w = upscaled_embedding.shape
         masks = (hyper_in @ upscaled_embedding.reshape(b, c, h * w)).reshape(b, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def cache_image(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+    ) -> CachedImageTokens:
+        """The transformer's prompt-independent work on ``image_embeddings`` ``(B, C, h, w)``, for ``image_cache``."""
+        return cache_image_tokens(self.transformer, image_embeddings + dense_prompt_embeddings, image_pe)
 
     def _fuse(self, upscaled: torch.Tensor, low_level: Optional[torch.Tensor]) -> torch.Tensor:
         if self.fusion == "none":

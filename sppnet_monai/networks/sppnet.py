@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from sppnet_monai.networks.cached_decoding import CachedImageTokens
 from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
 from sppnet_monai.networks.llsie import LLSIE
 from sppnet_monai.networks.mask_decoder import SPPMaskDecoder
@@ -31,11 +32,14 @@ class ImageFeatures(NamedTuple):
     embeddings: ``(B, 256, S/16, S/16)`` Tiny-ViT + neck output.
     low_level: ``(B, 32, S/4, S/4)`` LLSIE features, or None without LLSIE.
     input_size: ``(H, W)`` of the image before padding to ``S x S``.
+    decoder_cache: the mask decoder's per-image work (``SPPMaskDecoder.cache_image``), computed by
+        ``encode`` in eval mode so that each prompt costs less; None in training.
     """
 
     embeddings: torch.Tensor
     low_level: Optional[torch.Tensor]
     input_size: Tuple[int, int]
+    decoder_cache: Optional[CachedImageTokens] = None
 
 
 class SPPNetOutput(NamedTuple):
@@ -139,12 +143,13 @@ class SPPNet(nn.Module):
         """Make this network faster for inference, in place, with the same outputs (within float rounding).
 
         Folds each batch norm of the Tiny-ViT encoder into the convolution before it (timm's
-        ``ConvNorm.fuse``) and stores the weights channels-last, the layout oneDNN's convolutions are
-        fastest in on CPU. Call it after loading weights: the folded network has no batch-norm
+        ``ConvNorm.fuse``), computes its attention explicitly instead of through SDPA's masked CPU
+        kernel, and stores the weights channels-last, the layout oneDNN's convolutions are fastest in
+        on CPU. Call it after loading weights: the folded network has no batch-norm
         statistics left, so it cannot be trained or save a checkpoint in this project's format.
         """
         self.eval()
-        self.image_encoder.fuse_conv_norms()
+        self.image_encoder.fuse_for_inference()
         self.to(memory_format=torch.channels_last)
         return self
 
@@ -153,7 +158,10 @@ class SPPNet(nn.Module):
         return self.mask_decoder.fusion
 
     def encode(self, image: torch.Tensor) -> ImageFeatures:
-        """Image embedding and LLSIE features of ``image`` ``(B, 3, H, W)``, SAM-normalised, H, W <= S."""
+        """Image embedding and LLSIE features of ``image`` ``(B, 3, H, W)``, SAM-normalised, H, W <= S.
+
+        In eval mode also the decoder's per-image work, which :meth:`decode` then reuses for every prompt.
+        """
         _check_image(image, 3, self.image_size)
         height, width = image.shape[-2:]
         padded = F.pad(image, (0, self.image_size - width, 0, self.image_size - height))
@@ -163,7 +171,11 @@ class SPPNet(nn.Module):
         if self.llsie is not None:
             size = (self.llsie_input_size, self.llsie_input_size)
             low_level = self.llsie(F.interpolate(padded, size=size, mode="bilinear", align_corners=False, antialias=True))
-        return ImageFeatures(embeddings, low_level, (height, width))
+        decoder_cache = None
+        if not self.training:  # training decodes each image once, through segment-anything's own forward
+            _, no_mask_embedding = self.prompt_encoder(points=None, boxes=None, masks=None)
+            decoder_cache = self.mask_decoder.cache_image(embeddings, self.prompt_encoder.get_dense_pe(), no_mask_embedding)
+        return ImageFeatures(embeddings, low_level, (height, width), decoder_cache)
 
     def decode(
         self,
@@ -206,8 +218,10 @@ class SPPNet(nn.Module):
     ) -> SPPNetOutput:
         multimask = self.multimask_output if multimask_output is None else multimask_output
         sparse, dense = self.prompt_encoder(points=(point_coords.float(), point_labels), boxes=None, masks=None)
+        cache = features.decoder_cache
+        image_pe = self.prompt_encoder.get_dense_pe() if cache is None else None  # the cache holds it
         low_res_masks, iou_predictions = self.mask_decoder(
-            features.embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask, features.low_level
+            features.embeddings, image_pe, sparse, dense, multimask, features.low_level, cache
         )
         masks = F.interpolate(low_res_masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         height, width = features.input_size
