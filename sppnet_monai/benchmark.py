@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sppnet_monai.networks import SPPNet
-from sppnet_monai.networks.complexity import count_macs
+from sppnet_monai.networks.complexity import count_macs, network_info
 from sppnet_monai.workflows.setup import reuse_freed_memory
 
 __all__ = ["run_benchmark", "time_call"]
@@ -117,7 +117,7 @@ def run_benchmark(
         "images_per_second": 1.0 / end_to_end,
         "seconds_per_extra_click_cached_embedding": extra_click,
         "parameters_M": sum(p.numel() for p in net.parameters()) / 1e6,
-        "gmacs": count_macs(net, image) / 1e9,
+        "gmacs": network_info(net, image_size)["gmacs"],
     }
     # A model trained by the fast CPU recipe runs (and MONAI Label serves it) in windows of the crop size.
     window_image, window_click = _inference_speed(SPPNet(image_size=train_crop).optimize_for_inference(), repeats, warmup)

@@ -314,7 +314,7 @@ def test_reuse_freed_memory_stops_page_faults_on_large_tensors():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     if not reuse_freed_memory():
-        pytest.skip("the C library is not glibc")
+        pytest.skip("the C library is not glibc or refuses the setting")
     page_faults_of_large_tensors()  # grows the heap once
     pages = 3 * 64 * 2**20 // resource.getpagesize()
     assert page_faults_of_large_tensors() < pages // 100  # by default every block faults in afresh: ~all pages

@@ -121,12 +121,12 @@ def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor
     num_prompts, num_tokens, channels = q.shape
     q_heads = _heads(attn.q_proj(q), heads)  # (P, heads, T, c)
     # (q W_k,h) x^T: the key projection applied to the queries; its bias adds a constant per row, which softmax ignores.
-    q_in_key_space = q_heads @ attn.k_proj.weight.view(heads, head_dim, channels)  # (P, heads, T, C)
+    q_in_key_space = q_heads @ attn.k_proj.weight.reshape(heads, head_dim, channels)  # (P, heads, T, C)
     scores = q_in_key_space.reshape(num_prompts, heads * num_tokens, channels) @ k.transpose(1, 2)
     probs = torch.softmax(scores / math.sqrt(head_dim), dim=-1)  # (P, heads * T, N)
     mixed = (probs @ v).view(num_prompts, heads, num_tokens, channels)
     # Rows of probs sum to one, so the value bias passes through as is.
-    out = mixed @ attn.v_proj.weight.view(heads, head_dim, channels).transpose(1, 2) + attn.v_proj.bias.view(heads, 1, head_dim)
+    out = mixed @ attn.v_proj.weight.reshape(heads, head_dim, channels).transpose(1, 2) + attn.v_proj.bias.view(heads, 1, head_dim)
     return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -144,12 +144,12 @@ def _image_to_tokens(attn: Attention, image: Optional[Tensor], k: Tensor, v: Ten
         scores = (image_queries @ k_heads.transpose(-1, -2)).transpose(1, 2)  # (P, N, heads, T)
     else:
         # (x W_q,h^T + b_q,h) k_h^T = x (W_q,h^T k_h^T) + b_q,h k_h^T: the query projection applied to the keys.
-        k_in_image_space = attn.q_proj.weight.view(heads, head_dim, channels).transpose(1, 2) @ k_heads.transpose(-1, -2)
+        k_in_image_space = attn.q_proj.weight.reshape(heads, head_dim, channels).transpose(1, 2) @ k_heads.transpose(-1, -2)
         k_bias = attn.q_proj.bias.view(heads, 1, head_dim) @ k_heads.transpose(-1, -2)  # (P, heads, 1, T)
         scores = image @ k_in_image_space.permute(0, 2, 1, 3).reshape(num_prompts, channels, heads * num_tokens)
         scores = (scores + k_bias.reshape(num_prompts, 1, heads * num_tokens)).unflatten(-1, (heads, num_tokens))
     probs = torch.softmax(scores / math.sqrt(head_dim), dim=-1)
     # sum_h probs_h (v_h W_o,h^T): the output projection applied to the token values.
     v_heads = _heads(attn.v_proj(v), heads)
-    values_out = v_heads @ attn.out_proj.weight.view(channels, heads, head_dim).permute(1, 2, 0)  # (P, heads, T, C)
+    values_out = v_heads @ attn.out_proj.weight.reshape(channels, heads, head_dim).permute(1, 2, 0)  # (P, heads, T, C)
     return probs.flatten(2) @ values_out.flatten(1, 2) + attn.out_proj.bias

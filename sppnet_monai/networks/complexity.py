@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,10 +26,9 @@ def network_info(net: nn.Module, image_size: int) -> dict:
     ``(1, net.in_channels, image_size, image_size)`` input with a click in the middle."""
     example = torch.zeros(1, net.in_channels, image_size, image_size)
     example[0, 3, image_size // 2, image_size // 2] = 1.0
-    was_training = net.training
-    net.eval()
-    macs = count_macs(net, example)
-    net.train(was_training)
+    # Counted as trained, on a copy (batch norms update in training mode): the architecture the paper
+    # counts, with segment-anything's own decoder forward instead of eval mode's cheaper per-click path.
+    macs = count_macs(copy.deepcopy(net).train(), example)
     params = sum(p.numel() for p in net.parameters())
     return {
         "network": type(net).__name__,

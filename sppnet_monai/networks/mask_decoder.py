@@ -87,6 +87,8 @@ class SPPMaskDecoder(MaskDecoder):
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
         if image_cache is None:
+            if image_pe is None:
+                raise ValueError("image_pe is needed unless an image_cache is given.")
             src = _expand_to(image_embeddings, num_prompts, "image_embeddings") + dense_prompt_embeddings
             pos_src = _expand_to(image_pe, num_prompts, "image_pe")
             b, c, h, w = src.shape

@@ -33,7 +33,8 @@ class ImageFeatures(NamedTuple):
     low_level: ``(B, 32, S/4, S/4)`` LLSIE features, or None without LLSIE.
     input_size: ``(H, W)`` of the image before padding to ``S x S``.
     decoder_cache: the mask decoder's per-image work (``SPPMaskDecoder.cache_image``), computed by
-        ``encode`` in eval mode so that each prompt costs less; None in training.
+        ``encode`` in eval mode so that each prompt costs less; None in training. Decoding uses it
+        instead of ``embeddings``: replacing ``embeddings`` means replacing it too (None is fine).
     """
 
     embeddings: torch.Tensor

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -37,20 +36,19 @@ def reuse_freed_memory() -> bool:
     By default glibc maps every block over 32 MiB afresh and unmaps it when freed, so each large
     activation (a 1024x1024 image gives many of 64 MiB) costs thousands of page faults: that made
     elementwise layers such as GELU 3-7x slower than their arithmetic on CPU. With this setting the
-    process keeps its peak memory for reuse, as PyTorch's CUDA caching allocator does on GPU.
-    Returns False where the C library is not glibc (nothing changes there).
+    process (and the data-loader workers it forks) keeps its peak memory for reuse, as PyTorch's
+    CUDA caching allocator does on GPU. It lasts for the life of the process. Returns False where
+    the C library is not glibc or refuses the setting (nothing changes there).
     """
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only: musl also has a mallopt that does nothing
-    except (OSError, AttributeError):
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl also has a mallopt, which does nothing
         return False
-    del gnu_get_libc_version
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     largest_int = 2**31 - 1
-    return bool(libc.mallopt(m_mmap_threshold, largest_int // 2) and libc.mallopt(m_trim_threshold, largest_int))
+    libc.mallopt(m_trim_threshold, largest_int)
+    return bool(libc.mallopt(m_mmap_threshold, largest_int // 2))
 
 
 @exit_on_user_error
