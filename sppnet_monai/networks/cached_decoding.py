@@ -56,9 +56,9 @@ def cache_image_tokens(transformer: TwoWayTransformer, image: Tensor, image_pe: 
         size=(image.shape[-2], image.shape[-1]),
         keys=keys,
         key_pe=key_pe,
-        token_to_image_keys=_heads(to_image.k_proj(keys_with_pe), to_image.num_heads),
-        token_to_image_values=_heads(to_image.v_proj(keys), to_image.num_heads),
-        image_to_token_queries=_heads(to_token.q_proj(keys_with_pe), to_token.num_heads),
+        token_to_image_keys=to_image._separate_heads(to_image.k_proj(keys_with_pe), to_image.num_heads),
+        token_to_image_values=to_image._separate_heads(to_image.v_proj(keys), to_image.num_heads),
+        image_to_token_queries=to_token._separate_heads(to_token.q_proj(keys_with_pe), to_token.num_heads),
     )
 
 
@@ -100,18 +100,11 @@ def two_way_transformer(transformer: TwoWayTransformer, cache: CachedImageTokens
     return transformer.norm_final_attn(queries), keys
 
 
-def _heads(x: Tensor, num_heads: int) -> Tensor:
-    """``(B, N, heads * c)`` -> ``(B, heads, N, c)``, as segment-anything's ``Attention._separate_heads``."""
-    batch, tokens, channels = x.shape
-    return x.reshape(batch, tokens, num_heads, channels // num_heads).transpose(1, 2)
-
-
 def _cached_attention(attn: Attention, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     """segment-anything's ``Attention`` with the key and value projections already done (``(B, heads, N, c)``)."""
-    q = _heads(q, attn.num_heads)
+    q = attn._separate_heads(q, attn.num_heads)
     probs = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-    out = probs @ values
-    return attn.out_proj(out.transpose(1, 2).flatten(2))
+    return attn.out_proj(attn._recombine_heads(probs @ values))
 
 
 def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -119,7 +112,7 @@ def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor
     heads = attn.num_heads
     head_dim = attn.internal_dim // heads
     num_prompts, num_tokens, channels = q.shape
-    q_heads = _heads(attn.q_proj(q), heads)  # (P, heads, T, c)
+    q_heads = attn._separate_heads(attn.q_proj(q), heads)  # (P, heads, T, c)
     # (q W_k,h) x^T: the key projection applied to the queries; its bias adds a constant per row, which softmax ignores.
     q_in_key_space = q_heads @ attn.k_proj.weight.reshape(heads, head_dim, channels)  # (P, heads, T, C)
     scores = q_in_key_space.reshape(num_prompts, heads * num_tokens, channels) @ k.transpose(1, 2)
@@ -127,7 +120,7 @@ def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor
     mixed = (probs @ v).view(num_prompts, heads, num_tokens, channels)
     # Rows of probs sum to one, so the value bias passes through as is.
     out = mixed @ attn.v_proj.weight.reshape(heads, head_dim, channels).transpose(1, 2) + attn.v_proj.bias.view(heads, 1, head_dim)
-    return attn.out_proj(out.transpose(1, 2).flatten(2))
+    return attn.out_proj(attn._recombine_heads(out))
 
 
 def _image_to_tokens(attn: Attention, image: Optional[Tensor], k: Tensor, v: Tensor, image_queries: Optional[Tensor] = None) -> Tensor:
@@ -137,7 +130,7 @@ def _image_to_tokens(attn: Attention, image: Optional[Tensor], k: Tensor, v: Ten
     (``image`` is then unused).
     """
     heads = attn.num_heads
-    k_heads = _heads(attn.k_proj(k), heads)  # (P, heads, T, c)
+    k_heads = attn._separate_heads(attn.k_proj(k), heads)  # (P, heads, T, c)
     num_prompts, _, num_tokens, head_dim = k_heads.shape
     channels = attn.out_proj.out_features
     if image_queries is not None:
@@ -150,6 +143,6 @@ def _image_to_tokens(attn: Attention, image: Optional[Tensor], k: Tensor, v: Ten
         scores = (scores + k_bias.reshape(num_prompts, 1, heads * num_tokens)).unflatten(-1, (heads, num_tokens))
     probs = torch.softmax(scores / math.sqrt(head_dim), dim=-1)
     # sum_h probs_h (v_h W_o,h^T): the output projection applied to the token values.
-    v_heads = _heads(attn.v_proj(v), heads)
+    v_heads = attn._separate_heads(attn.v_proj(v), heads)
     values_out = v_heads @ attn.out_proj.weight.reshape(channels, heads, head_dim).permute(1, 2, 0)  # (P, heads, T, C)
     return probs.flatten(2) @ values_out.flatten(1, 2) + attn.out_proj.bias
