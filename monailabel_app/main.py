@@ -3,14 +3,14 @@
 Start it (the ``monailabel`` pip package, offline: nothing is downloaded)::
 
     monailabel start_server --app monailabel_app --studies IMAGES_FOLDER \
-        --conf bundle bundle --conf image_size 256 --host 127.0.0.1 --port 8000
+        --conf bundle bundle --host 127.0.0.1 --port 8000
 
 ``--conf`` keys (all optional):
 
 - ``bundle``: the bundle folder (``configs/inference.json`` + ``models/model.pt``); default: the
   repository's ``bundle/`` next to this app.
-- ``image_size``, ``threshold``: overrides of ``inference.json`` (``image_size`` must be the size
-  the model was trained at: 256 with ``fast_cpu.json``, 1024 with the paper's recipe).
+- ``threshold``: override of ``inference.json``. The network's ``image_size`` (and ``fusion``) come
+  from the recipe ``models/model.pt`` records.
 - ``cache_size``: window embeddings kept in memory (default 8).
 - ``train_configs``: comma-separated extra configs for ``/train`` after ``train.json``
   (default ``fast_cpu.json``).
@@ -44,13 +44,11 @@ class SPPNetApp(MONAILabelApp):
         default_bundle = Path(app_dir).resolve().parent / "bundle"
         self.bundle_dir = Path(conf.get("bundle") or default_bundle).expanduser().resolve()
         overrides = {}
-        if conf.get("image_size"):
-            overrides["image_size"] = int(conf["image_size"])
         if conf.get("threshold"):
             overrides["threshold"] = float(conf["threshold"])
         self.segmenter = ClickSegmenter(self.bundle_dir, cache_size=int(conf.get("cache_size", 8)), **overrides)
         self.train_configs = [c for c in str(conf.get("train_configs", "fast_cpu.json")).split(",") if c]
-        self.train_defaults = {"max_epochs": 10, **({"image_size": overrides["image_size"]} if overrides.get("image_size") else {})}
+        self.train_defaults = {"max_epochs": 10}
         if not (self.bundle_dir / "configs" / "inference.json").is_file():
             raise FileNotFoundError(f"no bundle at {self.bundle_dir} (configs/inference.json); pass --conf bundle PATH")
         if not self.segmenter.checkpoint.is_file():

@@ -11,7 +11,7 @@ import sys
 
 import fire
 
-from sppnet_monai.utils import SPPNetError
+from sppnet_monai.utils import user_error
 
 
 class Prepare:
@@ -72,9 +72,9 @@ class Commands:
 
     def evaluate(
         self,
-        checkpoint: str,
         dataset_dir: str,
         output_dir: str = "eval",
+        checkpoint: str | None = None,
         split: str = "validation",
         prompt_draws: int = 1,
         overlays: bool = False,
@@ -84,19 +84,20 @@ class Commands:
     ) -> None:
         """Dice/IoU (native and 256x256), AJI, PQ and F1 of a checkpoint on a prepared split.
 
-        Writes OUTPUT_DIR/metrics.json and metrics.csv; ``--overlays`` adds pictures,
+        ``--checkpoint`` defaults to the inference config's (the bundle's ``models/model.pt``); the
+        network is built from the recipe the checkpoint records. Writes OUTPUT_DIR/metrics.json and metrics.csv; ``--overlays`` adds pictures,
         ``--prompt_draws N`` the spread of Dice over N random prompt draws (with a violin plot).
         """
         from sppnet_monai.evaluate import run_evaluate
         from sppnet_monai.predict import DEFAULT_CONFIG
 
-        _report(run_evaluate(checkpoint, dataset_dir, output_dir, split, prompt_draws, overlays, seed, config or DEFAULT_CONFIG, **overrides))
+        _report(run_evaluate(dataset_dir, output_dir, checkpoint, split, prompt_draws, overlays, seed, config or DEFAULT_CONFIG, **overrides))
 
     def predict(
         self,
         inputs: str,
-        checkpoint: str,
         output_dir: str,
+        checkpoint: str | None = None,
         clicks: str | None = None,
         formats: str = "png",
         config: str | None = None,
@@ -105,18 +106,22 @@ class Commands:
         """Nuclei masks and instance maps for images or folders (any size: tiled beyond image_size).
 
         Clicks come from ``--clicks`` (JSON or CSV, see the README) or are chosen automatically;
-        ``--formats png,tif,nii``; other ``--id value`` pairs override the inference config
-        (e.g. ``--image_size 256`` for a model trained with the fast CPU recipe).
+        ``--formats png,tif,nii``; ``--checkpoint`` defaults to the inference config's; other
+        ``--id value`` pairs override the inference config (e.g. ``--threshold 0.4``; ``image_size``
+        comes from the checkpoint).
         """
         from sppnet_monai.predict import DEFAULT_CONFIG, run_predict
 
         formats = formats.split(",") if isinstance(formats, str) else list(formats)
-        _report(run_predict(inputs, checkpoint, output_dir, clicks, formats, config or DEFAULT_CONFIG, **overrides))
+        _report(run_predict(inputs, output_dir, checkpoint, clicks, formats, config or DEFAULT_CONFIG, **overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         fire.Fire(Commands, command=argv, name="python -m sppnet_monai")
-    except SPPNetError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # MONAI's config parser wraps the user's error in its own
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)

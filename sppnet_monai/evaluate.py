@@ -9,12 +9,12 @@ watershed. ``prompt_draws`` repeats the random prompt draw to show how much the 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from sppnet_monai.data.image_io import read_mask, write_json, write_png
@@ -30,9 +30,9 @@ SCORE_KEYS = ("dice", "iou", "dice_256", "iou_256", "aji", "pq", "f1")
 
 
 def run_evaluate(
-    checkpoint: str,
     dataset_dir: str,
     output_dir: str,
+    checkpoint: str | None = None,
     split: str = "validation",
     prompt_draws: int = 1,
     overlays: bool = False,
@@ -52,17 +52,16 @@ def run_evaluate(
         dice_per_draw = []
         for draw in range(prompt_draws):
             clicks = sampler({"label": truth[None]})
-            image = predictor.prepare({"image": entry["image"], "foreground": clicks["foreground"], "background": clicks["background"]})
-            mask = predictor.probabilities(image) > predictor.threshold
+            image, mask = segment_with_clicks(predictor, entry["image"], clicks["foreground"], clicks["background"])
             if draw == 0:
                 per_image.append(score_image(mask, truth, predictor.instance_postprocess))
                 names.append(Path(entry["image"]).name)
                 if overlays:
-                    write_png(out / "overlays" / f"{Path(entry['image']).stem}.png", prompt_overlay(image.numpy(), mask, truth > 0, predictor.pixel_mean, predictor.pixel_std))
+                    write_png(out / "overlays" / f"{Path(entry['image']).stem}.png", prompt_overlay(image.numpy(), mask, truth > 0))
             dice_per_draw.append(dice_score(mask, truth > 0))
         draw_dice.append(dice_per_draw)
     summary = summarise(per_image)
-    report = {"checkpoint": str(checkpoint), "dataset_dir": str(dataset_dir), "split": split, "images": names, **summary}
+    report = {"checkpoint": str(predictor.checkpoint), "dataset_dir": str(dataset_dir), "split": split, "images": names, **summary}
     if prompt_draws > 1:
         report["prompt_draws"] = _draw_spread(np.asarray(draw_dice))
         _violin_plot(np.asarray(draw_dice), out / "prompt_draws_violin.png")
@@ -71,6 +70,12 @@ def run_evaluate(
     return {k: v for k, v in report.items() if k in ("split", "images")} | {
         key: {"mean": summary[key]["mean"], "std": summary[key]["std"]} for key in SCORE_KEYS
     } | ({"prompt_draws": report["prompt_draws"]} if prompt_draws > 1 else {})
+
+
+def segment_with_clicks(predictor: Predictor, image: str, foreground: list, background: list) -> tuple[torch.Tensor, np.ndarray]:
+    """The network input ``(5, H, W)`` and the mask ``(H, W)`` bool that evaluation scores, for ground-truth clicks."""
+    prepared = predictor.prepare({"image": image, "foreground": foreground, "background": background})
+    return prepared, predictor.segment(prepared)
 
 
 def _draw_spread(draw_dice: np.ndarray) -> dict:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from monai.inferers import SlidingWindowInferer
 
+from sppnet_monai.networks.sppnet import denormalize_rgb
 from sppnet_monai.transforms import choose_clicks
 
 __all__ = ["PromptedSlidingWindowInferer"]
@@ -19,29 +20,28 @@ class PromptedSlidingWindowInferer(SlidingWindowInferer):
     click map is empty gets a click chosen from its own pixels by
     :func:`~sppnet_monai.transforms.choose_clicks`, so SPPNet always sees a prompt like those it
     was trained with; a window without nucleus-like pixels gets no positive click (SAM's padding
-    point). Images that fit one window go through unchanged (plus padding).
+    point). An image that fits one window goes to the network as it is (the network pads it), so
+    its logits are exactly the network's, with no blending.
 
     Args:
-        pixel_mean, pixel_std: the normalisation of the RGB channels (to recover 0-255 pixels).
         kwargs: :class:`SlidingWindowInferer` arguments (``roi_size``, ``overlap``, ``mode``, ...).
     """
 
-    def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.pixel_mean = torch.as_tensor(pixel_mean, dtype=torch.float32)[:, None, None]
-        self.pixel_std = torch.as_tensor(pixel_std, dtype=torch.float32)[:, None, None]
-
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any):
-        return super().__call__(inputs, lambda windows, *a, **k: network(self.prompt_windows(windows), *a, **k), *args, **kwargs)
+        prompted = lambda windows, *a, **k: network(self.prompt_windows(windows), *a, **k)  # noqa: E731
+        if all(size <= roi for size, roi in zip(inputs.shape[2:], self.roi_size)):
+            return prompted(inputs, *args, **kwargs)
+        return super().__call__(inputs, prompted, *args, **kwargs)
 
-    def prompt_windows(self, windows: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def prompt_windows(windows: torch.Tensor) -> torch.Tensor:
         """``(B, 5, h, w)`` windows with a click chosen for every empty click map."""
         empty = windows[:, 3:5].flatten(2).amax(dim=2) <= 0  # (B, 2)
         if not empty.any():
             return windows
         windows = windows.clone()
         for index in torch.nonzero(empty.any(dim=1)).flatten().tolist():
-            rgb = windows[index, :3].float().cpu() * self.pixel_std + self.pixel_mean
+            rgb = denormalize_rgb(windows[index, :3].float().cpu())
             for channel, clicks in enumerate(choose_clicks(rgb.numpy()), start=3):
                 if empty[index, channel - 3] and clicks:
                     x, y = clicks[0]

@@ -3,7 +3,8 @@
 Pixel level: Dice and IoU of the binary masks (at full resolution and at the paper's 256x256).
 Object level, on instance label maps (``(H, W)`` int, 0 = background, one id per nucleus):
 AJI, panoptic quality and object F1. Every score is a float in [0, 1]; a pair of empty inputs
-(nothing to find, nothing found) scores 1.0.
+(nothing to find, nothing found) scores 1.0 (``EMPTY_TRUTH_RULE``). Dice and IoU are MONAI's
+``compute_dice`` / ``compute_iou``, the implementation the bundle's validation metrics use.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from skimage import segmentation
-
+import torch
+from monai.metrics import compute_dice, compute_iou
+from sppnet_monai.data.instances import relabel_consecutive
 from sppnet_monai.postprocess import instances_from_semantic
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
 
 # The paper (SPPNet, Xu et al. 2023) reports Dice and IoU after resizing to 256x256.
 PAPER_SIZE = 256
+# The project's one rule for images without nuclei, wherever Dice or IoU is computed (this module,
+# the bundle's MeanDice / MeanIoUHandler with ``ignore_empty: false``): MONAI's ``ignore_empty=False``.
+EMPTY_TRUTH_RULE = "empty ground truth scores 1.0 if the prediction is empty too, else 0.0"
 
 
 def _same_shape(pred: np.ndarray, truth: np.ndarray) -> None:
@@ -44,37 +49,35 @@ def _binary_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.nd
     return pred != 0, truth != 0
 
 
+def _monai_binary_score(score_fn, pred: np.ndarray, truth: np.ndarray) -> float:
+    """One image's score by MONAI's ``compute_dice``/``compute_iou`` on ``(1, 1, H, W)`` masks (``EMPTY_TRUTH_RULE``)."""
+    pred, truth = _binary_pair(pred, truth)
+    as_batch = lambda mask: torch.from_numpy(np.ascontiguousarray(mask))[None, None]  # noqa: E731
+    return float(score_fn(as_batch(pred), as_batch(truth), include_background=True, ignore_empty=False)[0, 0])
+
+
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient of two binary masks: ``2 |P ∩ T| / (|P| + |T|)``.
+    """Dice coefficient of two binary masks: ``2 |P ∩ T| / (|P| + |T|)``, by MONAI's ``compute_dice``.
 
     Dice, "Measures of the amount of ecologic association between species", Ecology 1945.
     ``pred`` and ``truth``: ``(H, W)`` masks (or any shape, the same for both) of any dtype,
-    non-zero = foreground. 1.0 when both are empty.
+    non-zero = foreground. Empty ground truth: see ``EMPTY_TRUTH_RULE``.
     """
-    pred, truth = _binary_pair(pred, truth)
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & truth)) / total
+    return _monai_binary_score(compute_dice, pred, truth)
 
 
 def iou_score(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union (Jaccard index) of two binary masks: ``|P ∩ T| / |P ∪ T|``.
+    """Intersection over union (Jaccard index) of two binary masks: ``|P ∩ T| / |P ∪ T|``, by MONAI's ``compute_iou``.
 
     Jaccard, "The distribution of the flora in the alpine zone", New Phytologist 1912.
-    Same inputs as :func:`dice_score`; 1.0 when both are empty.
+    Same inputs and empty-truth rule as :func:`dice_score`.
     """
-    pred, truth = _binary_pair(pred, truth)
-    union = int(np.count_nonzero(pred | truth))
-    return 1.0 if union == 0 else int(np.count_nonzero(pred & truth)) / union
+    return _monai_binary_score(compute_iou, pred, truth)
 
 
 def _consecutive_ids(instances: np.ndarray) -> tuple[np.ndarray, int]:
     """``(H, W)`` integer label map -> (the same map with ids ``1..N`` in their order, ``N``)."""
-    instances = np.asarray(instances)
-    if not (np.issubdtype(instances.dtype, np.integer) or instances.dtype == bool):
-        raise ValueError(f"an instance label map needs integer ids, got dtype {instances.dtype}")
-    if instances.size and instances.min() < 0:
-        raise ValueError("an instance label map cannot hold negative ids")
-    relabelled, _, _ = segmentation.relabel_sequential(instances.astype(np.int64, copy=False))
+    relabelled = relabel_consecutive(instances, np.int64)
     return relabelled, int(relabelled.max(initial=0))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import feature, morphology, segmentation
 
+from sppnet_monai.data.instances import binary_to_instances, relabel_consecutive
 from sppnet_monai.utils import SPPNetError
 
 __all__ = ["instances_from_semantic"]
@@ -52,8 +53,7 @@ def _seeds(
     # A group is 8-connected but components are 4-connected: split a group that touches two
     # components diagonally, so that one marker never floods two separate components.
     pairs = np.where(kept[groups], groups.astype(np.int64) * (int(components.max()) + 1) + components, 0)
-    markers, _, _ = segmentation.relabel_sequential(pairs)
-    return markers.astype(np.int32)
+    return relabel_consecutive(pairs, np.int32)
 
 
 def instances_from_semantic(
@@ -102,9 +102,8 @@ def instances_from_semantic(
     mask = mask != 0
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
-    # 4-connectivity, as for ground-truth masks (data.instances): a one-pixel line of
-    # background between two nuclei keeps them apart.
-    components, _ = ndimage.label(mask)
+    # 4-connected, as for ground-truth masks: a one-pixel line of background keeps two nuclei apart.
+    components = binary_to_instances(mask)
     distance = ndimage.distance_transform_edt(mask)
     markers = _seeds(distance, components, min_distance, footprint_size, split_depth)
     labels = segmentation.watershed(-distance, markers, mask=mask)
@@ -117,5 +116,4 @@ def instances_from_semantic(
     too_small = np.bincount(labels.ravel()) < min_size
     too_small[0] = False
     labels[too_small[labels]] = 0
-    labels, _, _ = segmentation.relabel_sequential(labels)
-    return labels.astype(np.int32)
+    return relabel_consecutive(labels, np.int32)

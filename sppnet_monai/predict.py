@@ -14,11 +14,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.transforms import AsDiscrete
 from tqdm import tqdm
 
 from sppnet_monai.data.image_io import write_png
 from sppnet_monai.postprocess import instances_from_semantic
-from sppnet_monai.utils import SPPNetError, atomic_path
+from sppnet_monai.utils import SPPNetError, atomic_path, user_error
 from sppnet_monai.workflows.datasets import image_entry, read_clicks_file
 from sppnet_monai.workflows.setup import reuse_freed_memory
 
@@ -46,46 +47,74 @@ def find_images(inputs: str | Sequence[str]) -> list[str]:
 
 
 class Predictor:
-    """A trained SPPNet with the bundle's inference pipeline, loaded once.
+    """A trained SPPNet with the bundle's inference pipeline, loaded once: the one pixel path.
+
+    ``predict``, ``evaluate``, the MONAI Label app and ``python -m monai.bundle run`` with
+    ``inference.json`` all run the config's ``load_image`` and ``prompt_preprocessing`` transforms, its
+    ``network`` and ``inferer``, and its threshold rule (MONAI's ``AsDiscrete``), so the same image and
+    clicks give the same mask on every path.
 
     Args:
-        checkpoint: trained weights (the bundle's ``models/model.pt``).
-        config: the bundle inference config; its ids (``image_size``, ``fusion``, ``pixel_mean``,
-            ``sw_overlap``, ``threshold``, ``instance_postprocess``, ...) may be overridden.
+        checkpoint: trained weights; None uses the config's own ``checkpoint``. The network is built
+            from the recipe the checkpoint records (``image_size``, ``fusion``).
+        config: the bundle inference config; its ids (``image_size``, ``sw_overlap``, ``threshold``,
+            ``instance_postprocess``, ...) may be overridden.
 
     Loading one also makes the process keep freed memory for reuse (:func:`reuse_freed_memory`).
     """
 
-    def __init__(self, checkpoint: str, config: str | os.PathLike = DEFAULT_CONFIG, **overrides) -> None:
+    def __init__(self, checkpoint: str | None = None, config: str | os.PathLike = DEFAULT_CONFIG, **overrides) -> None:
         if not Path(config).is_file():
             raise SPPNetError(f"inference config {config} not found; pass --config path/to/bundle/configs/inference.json")
         reuse_freed_memory()
         parser = ConfigParser()
         parser.read_config(str(config))
-        parser.update({"checkpoint": checkpoint, **overrides})
+        parser.update({**({"checkpoint": str(checkpoint)} if checkpoint else {}), **overrides})
         self.parser = parser
-        self.device = parser.get_parsed_content("device")
-        self.network = parser.get_parsed_content("network").eval()
-        self.preprocessing = parser.get_parsed_content("preprocessing")
-        self.inferer = parser.get_parsed_content("inferer")
-        self.threshold = float(parser.get_parsed_content("threshold"))
-        self.pixel_mean = parser.get_parsed_content("pixel_mean")
-        self.pixel_std = parser.get_parsed_content("pixel_std")
+        try:
+            self.checkpoint = parser.get_parsed_content("checkpoint")
+            self.device = parser.get_parsed_content("device")
+            self.network = parser.get_parsed_content("network").eval()
+            self.load_image = parser.get_parsed_content("load_image")
+            self.prompt_preprocessing = parser.get_parsed_content("prompt_preprocessing")
+            self.inferer = parser.get_parsed_content("inferer")
+            self.threshold = float(parser.get_parsed_content("threshold"))
+        except Exception as err:  # MONAI's parser wraps the user's error (a bad checkpoint, size...) in its own
+            cause = user_error(err)
+            if cause is None:
+                raise
+            raise cause from None
+        self.discretize = AsDiscrete(threshold=self.threshold)
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
 
+    @property
+    def image_size(self) -> int:
+        return int(self.network.image_size)
+
     def prepare(self, entry: dict) -> torch.Tensor:
-        """The network input ``(5, H, W)`` of one ``{"image", "foreground", "background"}`` entry."""
-        return self.preprocessing(entry)["image"]
+        """The network input ``(5, H, W)`` of one ``{"image": path, "foreground", "background"}`` entry."""
+        return self.prompt(self.load_image(entry))
+
+    def prompt(self, loaded: dict) -> torch.Tensor:
+        """The network input ``(5, H, W)`` of ``{"image": (3, H, W) RGB 0-255, "foreground", "background"}``."""
+        return self.prompt_preprocessing(loaded)["image"]
 
     @torch.no_grad()
-    def probabilities(self, image: torch.Tensor) -> np.ndarray:
-        """Nucleus probability ``(H, W)`` float32 of a prepared ``(5, H, W)`` image (tiled if large)."""
-        logits = self.inferer(image[None].to(self.device), self.network)
-        return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``(1, H, W)`` of a prepared ``(5, H, W)`` image (tiled if larger than the network input)."""
+        return self.inferer(image[None].to(self.device), self.network)[0]
+
+    def mask(self, logits: torch.Tensor) -> np.ndarray:
+        """Nuclei mask ``(H, W)`` bool from logits ``(1, H, W)``: the bundle's sigmoid + threshold rule."""
+        return self.discretize(torch.sigmoid(logits.float()))[0].cpu().numpy() > 0
+
+    def segment(self, image: torch.Tensor) -> np.ndarray:
+        """Nuclei mask ``(H, W)`` bool of a prepared ``(5, H, W)`` image."""
+        return self.mask(self.logits(image))
 
     def predict(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
         """Binary nuclei mask ``(H, W)`` bool and instance label map ``(H, W)`` int32."""
-        mask = self.probabilities(self.prepare(entry)) > self.threshold
+        mask = self.segment(self.prepare(entry))
         return mask, instances_from_semantic(mask, **self.instance_postprocess)
 
 
@@ -118,8 +147,8 @@ def write_outputs(output_dir: Path, stem: str, mask: np.ndarray, instances: np.n
 
 def run_predict(
     inputs: str | Sequence[str],
-    checkpoint: str,
     output_dir: str,
+    checkpoint: str | None = None,
     clicks: str | None = None,
     formats: str | Sequence[str] = "png",
     config: str | os.PathLike = DEFAULT_CONFIG,

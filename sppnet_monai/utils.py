@@ -6,14 +6,32 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 
-class SPPNetError(Exception):
-    """An error caused by user input (a file, a value, a checkpoint).
+class SPPNetError(ValueError):
+    """An error caused by user input (a file, a value, a checkpoint, a click).
 
-    The CLI prints its message as one line, without a traceback, and exits non-zero.
+    Library code raises it; only the entry points turn it into something else: the CLI and the
+    bundle's run print its message as one line and exit with status 2, the MONAI Label app answers
+    HTTP 400. It is a :class:`ValueError`, so code that validates arguments may raise it directly.
     """
+
+
+def user_error(err: BaseException) -> Optional[SPPNetError]:
+    """The :class:`SPPNetError` behind ``err`` (itself, or one in its cause/context chain), or None.
+
+    MONAI wraps errors of config expressions and transforms in ``RuntimeError`` chains; the entry
+    points look through them for the user's mistake.
+    """
+    seen: set[int] = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, SPPNetError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextlib.contextmanager

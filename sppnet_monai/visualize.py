@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from skimage.segmentation import find_boundaries
+
+from sppnet_monai.networks.sppnet import denormalize_rgb
 
 __all__ = ["prompt_overlay"]
 
@@ -26,18 +29,14 @@ def prompt_overlay(
     image: np.ndarray,
     prediction: Optional[np.ndarray],
     ground_truth: Optional[np.ndarray],
-    pixel_mean: Sequence[float],
-    pixel_std: Sequence[float],
 ) -> np.ndarray:
     """RGB picture ``(H, W, 3)`` uint8 of one sample.
 
     Args:
         image: ``(5, H, W)`` network input: SAM-normalised RGB, positive and negative click maps.
         prediction, ground_truth: ``(H, W)`` or ``(1, H, W)`` masks (non-zero = nucleus), or None.
-        pixel_mean, pixel_std: the normalisation to undo (0-255 scale).
     """
-    rgb = image[:3] * np.asarray(pixel_std, dtype=np.float32)[:, None, None]
-    rgb = rgb + np.asarray(pixel_mean, dtype=np.float32)[:, None, None]
+    rgb = denormalize_rgb(torch.as_tensor(np.asarray(image[:3], dtype=np.float32))).numpy()
     canvas = np.clip(rgb, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
     for mask, colour in ((ground_truth, GROUND_TRUTH_RGB), (prediction, PREDICTION_RGB)):
         if mask is not None:

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_in_out
 from monai.networks.nets import BasicUNet
+from monai.utils import BundleProperty
 
 from sppnet_monai.data.prepare import prepare_demo
 from sppnet_monai.networks import SPPNet
 from sppnet_monai.networks.checkpoints import load_checkpoint
-from sppnet_monai.workflows.errors import BundleInputError
+from sppnet_monai.utils import user_error
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -44,10 +44,21 @@ def trained(tmp_path_factory, dataset) -> Path:
         bundle_root=str(root), dataset_dir=str(dataset), **TINY,
     )
     workflow.initialize()
-    assert workflow.check_properties() == [] or workflow.check_properties() is None
+    _assert_complete(workflow)
     workflow.run()
     workflow.finalize()
     return root
+
+
+def _assert_complete(workflow: ConfigWorkflow) -> None:
+    """MONAI's property check passes, and every required property resolves to a value."""
+    # With a workflow_type, ConfigWorkflow.check_properties returns the list of missing required
+    # properties and optional ones with a wrong id (None only without a workflow_type).
+    assert workflow.check_properties() == []
+    required = [name for name, prop in workflow.properties.items() if prop.get(BundleProperty.REQUIRED, False)]
+    assert {"bundle_root", "device", "dataset_dir"} <= set(required)
+    for name in required:
+        assert getattr(workflow, name) is not None, name
 
 
 def _bundle_cmd(*args: str) -> list[str]:
@@ -96,7 +107,7 @@ def test_inference_workflow_writes_masks(trained, dataset, tmp_path):
         output_dir=str(tmp_path / "pred"), image_size=64,
     )
     workflow.initialize()
-    assert workflow.check_properties() == [] or workflow.check_properties() is None
+    _assert_complete(workflow)
     workflow.run()
     masks = sorted((tmp_path / "pred").glob("*_seg.png"))
     assert len(masks) == 8
@@ -107,12 +118,12 @@ def test_inference_workflow_writes_masks(trained, dataset, tmp_path):
 
 def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
     config = [str(CONFIGS / "inference.json")]
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config, n=1, any=1)
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config, n=1, any=1, image_size=1024, bundle_root=str(trained))
     ts_path = tmp_path / "model.ts"
     ckpt_export(
         net_id="network_def", filepath=str(ts_path), ckpt_file=str(trained / "models" / "model.pt"),
         meta_file=META, config_file=config, use_trace=True, input_shape=[1, 5, 64, 64],
-        args_file=None, image_size=64,
+        args_file=None, bundle_root=str(trained),
     )
     scripted = torch.jit.load(str(ts_path))
     eager = SPPNet(image_size=64).eval()
@@ -125,27 +136,39 @@ def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
 
 
 def test_resume_after_kill(dataset, tmp_path):
-    """Kill a run mid-training, rerun the same command: it resumes from the latest epoch and finishes."""
-    cmd = _bundle_cmd(
-        "training", "--config_file", json.dumps(TRAIN), "--bundle_root", str(tmp_path),
-        "--dataset_dir", str(dataset), "--image_size", "64", "--batch_size", "1", "--max_epochs", "4",
-    )
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoint = tmp_path / "models" / "checkpoint_epoch=1.pt"
-    deadline = time.time() + 240
-    while not checkpoint.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)  # well into epoch 2
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    assert checkpoint.exists() or (tmp_path / "models" / "checkpoint_epoch=2.pt").exists()
-    assert not (tmp_path / "models" / "checkpoint_epoch=4.pt").exists()
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    """Kill a run mid-training, rerun the same command: it resumes from the latest epoch and finishes.
+
+    The kill comes from inside the first run at a known point (the first iteration of epoch 2, after
+    epoch 1's checkpoint was written), as abruptly as SIGKILL (``os._exit``: no handler, no cleanup).
+    """
+    train_config = json.loads((CONFIGS / "train.json").read_text())
+    kill = tmp_path / "kill_in_epoch_2.json"
+    kill.write_text(json.dumps({
+        "imports": train_config["imports"] + ["$import os", "$from ignite.engine import Events"],
+        "run": [
+            "$@validate#early_stop.set_trainer(trainer=@train#trainer)",
+            "$@train#trainer.add_event_handler(Events.ITERATION_COMPLETED, "
+            "lambda engine: engine.state.epoch == 2 and os._exit(137))",
+            "$@train#trainer.run()",
+        ],
+    }))
+    root = tmp_path / "bundle"
+    args = ("--bundle_root", str(root), "--dataset_dir", str(dataset), "--image_size", "64", "--batch_size", "1",
+            "--max_epochs", "4")
+    first = subprocess.run(_bundle_cmd("training", "--config_file", json.dumps(TRAIN + [str(kill)]), *args),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 137, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "Epoch: 2/4" in first.stdout + first.stderr  # killed inside epoch 2, not before it
+    assert sorted(p.name for p in (root / "models").glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt"]
+    second = subprocess.run(_bundle_cmd("training", "--config_file", json.dumps(TRAIN), *args),
+                            capture_output=True, text=True, timeout=300)
+    output = second.stdout + second.stderr
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    assert "resuming from" in second.stdout
-    assert "Epoch: 1/4" not in second.stdout  # epoch 1 is not trained again
-    assert (tmp_path / "models" / "checkpoint_epoch=4.pt").is_file()
-    load_checkpoint(SPPNet(image_size=64), tmp_path / "models" / "model.pt")
+    assert "resuming from" in output and "checkpoint_epoch=1.pt" in output
+    assert "Epoch: 1/4" not in output  # epoch 1 is not trained again
+    assert "Epoch: 2/4" in output  # the killed epoch is trained again from its start
+    assert (root / "models" / "checkpoint_epoch=4.pt").is_file()
+    load_checkpoint(SPPNet(image_size=64), root / "models" / "model.pt")
 
 
 def test_checkpoint_carries_validation_state_and_recipe(trained):
@@ -156,7 +179,7 @@ def test_checkpoint_carries_validation_state_and_recipe(trained):
     assert state["recipe"]["image_size"] == "64"
 
 
-def test_resume_refuses_another_recipe(capsys, trained, dataset, tmp_path):
+def test_resume_refuses_another_recipe(trained, dataset, tmp_path):
     (tmp_path / "models").mkdir()
     for path in (trained / "models").glob("checkpoint_epoch=*.pt"):
         (tmp_path / "models" / path.name).write_bytes(path.read_bytes())
@@ -164,7 +187,7 @@ def test_resume_refuses_another_recipe(capsys, trained, dataset, tmp_path):
         config_file=TRAIN, meta_file=META, logging_file=LOGGING, workflow_type="train",
         bundle_root=str(tmp_path), dataset_dir=str(dataset), fusion="concat", **TINY,
     )
-    assert "another training recipe (fusion 'add' -> 'concat')" in _one_line_error(capsys, workflow)
+    assert "another training recipe (fusion 'add' -> 'concat')" in _one_line_error(workflow)
 
 
 def test_validation_clicks_are_redrawn_identically_each_run():
@@ -203,40 +226,100 @@ def test_torchrun_two_processes_on_cpu(dataset, tmp_path):
     assert sorted(p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt"]
 
 
-def _one_line_error(capsys, workflow: ConfigWorkflow) -> str:
-    """Run ``workflow`` expecting a one-line user error; return that line."""
-    with pytest.raises(BundleInputError):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_multi_gpu_handlers_of_each_rank(monkeypatch, dataset, tmp_path, rank):
+    """Rank 0 keeps every handler; the others keep what must run on every rank, click reseeding included."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: rank)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    parser.update({
+        "bundle_root": str(tmp_path), "dataset_dir": str(dataset), "image_size": 64,
+        # no process group here: a plain network and loader stand in for DistributedDataParallel and its sampler
+        "device": "$torch.device('cpu')", "network": "$torch.nn.Linear(1, 1)", "validate#sampler": None,
+    })
+    try:
+        val_handlers = parser.get_parsed_content("validate#evaluator#val_handlers")
+        train_handlers = parser.get_parsed_content("train#trainer#train_handlers")
+    finally:
+        parser.get_parsed_content("summary_writer").close()
+    val_names = [type(h).__name__ for h in val_handlers]
+    train_names = [type(h).__name__ for h in train_handlers]
+    if rank == 0:
+        assert val_names == ["ReseedRandomTransforms", "StatsHandler", "TensorBoardStatsHandler",
+                             "PromptOverlayTensorBoardHandler", "CheckpointSaver", "EarlyStopHandler"]
+        assert train_names == ["LrScheduleHandler", "ValidationHandler", "StatsHandler", "TensorBoardStatsHandler",
+                               "LearningRateTensorBoardHandler", "ResumableTrainingState"]
+    else:
+        assert val_names == ["ReseedRandomTransforms", "EarlyStopHandler"]
+        assert train_names == ["LrScheduleHandler", "ValidationHandler", "ResumableTrainingState"]
+    assert train_handlers[-1].save == (rank == 0)  # only rank 0 writes checkpoints
+    # every rank reseeds the very transform its validation loader draws clicks with
+    assert val_handlers[0].transform is parser.get_parsed_content("validate#dataset").transform
+
+
+def test_configs_address_handlers_by_id():
+    """Handlers are referred to by config id, never by their position in a list."""
+    for path in sorted(CONFIGS.glob("*.json")):
+        text = path.read_text()
+        assert not re.search(r"handlers#\d|handlers\[", text), path.name
+        json.loads(text)
+
+
+def test_dataset_resolution_writes_nothing_initialize_generates_the_demo(tmp_path):
+    workflow = ConfigWorkflow(
+        config_file=TRAIN, meta_file=META, logging_file=LOGGING, workflow_type="train", bundle_root=str(tmp_path),
+        dataset_dir="", demo_num_images=4, demo_image_size=64, image_size=64,
+    )
+    demo = tmp_path / "data" / "demo"
+    with pytest.raises(Exception) as excinfo:
+        workflow.parser.get_parsed_content("dataset")
+    assert "no dataset_dir given and no datalist.json in demo_dir" in str(user_error(excinfo.value))
+    assert not demo.exists()
+    workflow.initialize()
+    assert (demo / "datalist.json").is_file()
+    assert workflow.parser.get_parsed_content("dataset") == str(demo)
+    assert len(workflow.parser.get_parsed_content("train#datalist")) >= 1
+
+
+def _one_line_error(workflow: ConfigWorkflow) -> str:
+    """Run ``workflow`` in-process expecting a user error; return the line the bundle's command would print.
+
+    In-process the error propagates (MONAI wraps it in RuntimeError); ``python -m monai.bundle run``
+    prints it as this one line (see test_bad_input_is_one_line_from_the_command_line).
+    """
+    with pytest.raises(Exception) as excinfo:
         workflow.initialize()
         workflow.run()
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
+    err = user_error(excinfo.value)
+    assert err is not None, f"not a user error: {excinfo.value!r}"
+    return f"error: {err}"
 
 
-def _run_expecting_error(capsys, tmp_path, **override):
+def _run_expecting_error(tmp_path, **override):
     workflow = ConfigWorkflow(
         config_file=TRAIN, meta_file=META, logging_file=LOGGING, workflow_type="train",
         bundle_root=str(tmp_path), **{**TINY, **override},
     )
-    message = _one_line_error(capsys, workflow)
+    message = _one_line_error(workflow)
     assert not (tmp_path / "models").exists()  # nothing trained
     return message
 
 
-def test_missing_datalist(capsys, tmp_path):
-    message = _run_expecting_error(capsys, tmp_path, dataset_dir=str(tmp_path / "nowhere"))
+def test_missing_datalist(tmp_path):
+    message = _run_expecting_error(tmp_path, dataset_dir=str(tmp_path / "nowhere"))
     assert "no datalist.json in dataset_dir" in message
 
 
-def test_empty_datalist(capsys, tmp_path):
+def test_empty_datalist(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "datalist.json").write_text(json.dumps({"training": [], "validation": []}))
-    assert "has no 'training' entries" in _run_expecting_error(capsys, tmp_path, dataset_dir=str(data))
+    assert "has no 'training' entries" in _run_expecting_error(tmp_path, dataset_dir=str(data))
 
 
-def test_datalist_entry_with_missing_file(capsys, tmp_path, dataset):
+def test_datalist_entry_with_missing_file(tmp_path, dataset):
     content = json.loads((dataset / "datalist.json").read_text())
     content["training"][0]["image"] = "images/missing.png"
     data = tmp_path / "data"
@@ -244,11 +327,11 @@ def test_datalist_entry_with_missing_file(capsys, tmp_path, dataset):
     for sub in ("images", "labels"):
         (data / sub).symlink_to(dataset / sub)
     (data / "datalist.json").write_text(json.dumps(content))
-    message = _run_expecting_error(capsys, tmp_path, dataset_dir=str(data))
+    message = _run_expecting_error(tmp_path, dataset_dir=str(data))
     assert "missing.png does not exist" in message
 
 
-def test_label_size_differs_from_image(capsys, tmp_path, dataset):
+def test_label_size_differs_from_image(tmp_path, dataset):
     import numpy as np
     from PIL import Image
 
@@ -260,11 +343,11 @@ def test_label_size_differs_from_image(capsys, tmp_path, dataset):
     Image.fromarray(np.zeros((32, 48), dtype=np.uint16)).save(data / "small_label.png")
     content["training"][0]["label"] = "small_label.png"
     (data / "datalist.json").write_text(json.dumps(content))
-    message = _run_expecting_error(capsys, tmp_path, dataset_dir=str(data))
+    message = _run_expecting_error(tmp_path, dataset_dir=str(data))
     assert "small_label.png is 48x32 but image" in message and "is 64x64" in message
 
 
-def test_inference_click_outside_image(capsys, trained, dataset, tmp_path):
+def test_inference_click_outside_image(trained, dataset, tmp_path):
     first = sorted((dataset / "images").glob("*.png"))[0]
     clicks = tmp_path / "clicks.json"
     clicks.write_text(json.dumps({first.name: {"foreground": [[500, 5]]}}))
@@ -273,20 +356,20 @@ def test_inference_click_outside_image(capsys, trained, dataset, tmp_path):
         bundle_root=str(trained), input_dir=str(dataset / "images"), clicks_file=str(clicks),
         output_dir=str(tmp_path / "pred"), image_size=64,
     )
-    assert f"foreground click [500, 5] is outside {first} (64x64" in _one_line_error(capsys, workflow)
+    assert f"foreground click [500, 5] is outside {first} (64x64" in _one_line_error(workflow)
     assert not (tmp_path / "pred").exists()
 
 
-def test_checkpoint_of_another_architecture(capsys, tmp_path, dataset):
+def test_checkpoint_of_another_architecture(tmp_path, dataset):
     unet = tmp_path / "unet.pt"
     torch.save(BasicUNet(spatial_dims=2, in_channels=5, out_channels=1).state_dict(), unet)
-    message = _run_expecting_error(capsys, tmp_path, dataset_dir=str(dataset), mobilesam_checkpoint=str(unet))
+    message = _run_expecting_error(tmp_path, dataset_dir=str(dataset), mobilesam_checkpoint=str(unet))
     assert "unet.pt is not a mobile_sam checkpoint" in message
 
 
 @pytest.mark.parametrize("image_size", [100, 32, "256"])
-def test_image_size_the_network_cannot_take(capsys, tmp_path, dataset, image_size):
-    message = _run_expecting_error(capsys, tmp_path, dataset_dir=str(dataset), image_size=image_size)
+def test_image_size_the_network_cannot_take(tmp_path, dataset, image_size):
+    message = _run_expecting_error(tmp_path, dataset_dir=str(dataset), image_size=image_size)
     assert message == f"error: image_size must be a multiple of 16 and at least 64, got {image_size!r}."
 
 

@@ -108,13 +108,67 @@ def test_missing_click_is_a_padding_point(net):
     image[:, 4] = 0.0  # no background click
     with torch.no_grad():
         out = net(image)
-    assert torch.isfinite(out).all()
+        features = net.encode(image[:, :3])
+        padding = net.decode(features, torch.tensor([[[10.0, 20.0], [0.0, 0.0]]]), torch.tensor([[1, -1]])).masks
+    torch.testing.assert_close(out, padding)  # SAM's padding point, not a click at (0, 0)
+    with torch.no_grad():
+        clicked = net.decode(features, torch.tensor([[[10.0, 20.0], [0.0, 0.0]]]), torch.tensor([[1, 0]])).masks
+    assert not torch.allclose(out, clicked)
 
 
 def test_multimask_output():
     net = SPPNet(image_size=64, multimask_output=True).eval()
+    image = _image(1, 64, 64)
     with torch.no_grad():
-        assert net(_image(1, 64, 64)).shape == (1, 3, 64, 64)
+        out = net(image)
+        reference = net.decode(net.encode(image[:, :3]), torch.tensor([[[10.0, 20.0], [3.0, 5.0]]]), torch.tensor([[1, 0]]))
+        single = net.decode(net.encode(image[:, :3]), torch.tensor([[[10.0, 20.0], [3.0, 5.0]]]), torch.tensor([[1, 0]]), multimask_output=False)
+    assert out.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(out, reference.masks)
+    assert not torch.allclose(out[:, :1], single.masks)  # the three candidates are SAM's tokens 1-3, not token 0
+
+
+def test_several_positive_clicks_are_the_union_of_their_prompts(net):
+    """The click rule (sppnet_monai.clicks): one prompt per positive click, with the first negative click in scan order."""
+    image = _image(1, 64, 64, clicks=((10, 20), (50, 3)))
+    image[0, 3, 40, 30] = 1.0  # a second positive click
+    image[0, 4, 60, 5] = 1.0  # a second negative click, later in scan order
+    with torch.no_grad():
+        union = net(image)
+        features = net.encode(image[:, :3])
+        prompts = torch.tensor([[[10.0, 20.0], [50.0, 3.0]], [[30.0, 40.0], [50.0, 3.0]]])
+        each = net.decode(features, prompts, torch.tensor([[1, 0], [1, 0]])).masks
+    torch.testing.assert_close(union, each.amax(dim=0, keepdim=True))
+    assert not torch.allclose(each[0], each[1])
+
+
+def test_recipe_is_saved_with_the_weights_and_checked_on_load(tmp_path):
+    from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe
+    from sppnet_monai.utils import SPPNetError
+
+    trained = SPPNet(image_size=64, fusion="concat")
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    recipe = read_recipe(tmp_path / "model.pt")
+    assert {k: recipe[k] for k in ("image_size", "fusion")} == {"image_size": 64, "fusion": "concat"} and recipe["version"]
+    loaded = SPPNet(image_size=recipe["image_size"], fusion=recipe["fusion"])
+    load_checkpoint(loaded, tmp_path / "model.pt")
+    for name, value in loaded.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, trained.state_dict()[name])
+    with pytest.raises(SPPNetError, match="trained with image_size 64 .this network: 128."):
+        load_checkpoint(SPPNet(image_size=128, fusion="concat"), tmp_path / "model.pt")
+
+
+def test_old_plain_state_dict_still_loads(tmp_path):
+    """Checkpoints saved before the recipe existed: no _extra_state, loaded into a network built by hand."""
+    from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe
+
+    old = {k: v for k, v in SPPNet(image_size=64).state_dict().items() if k != "_extra_state"}
+    torch.save(old, tmp_path / "old.pt")
+    assert read_recipe(tmp_path / "old.pt") == {}
+    net = SPPNet(image_size=128)
+    assert load_checkpoint(net, tmp_path / "old.pt") == "sppnet"
+    torch.testing.assert_close(net.mask_decoder.iou_token.weight, old["mask_decoder.iou_token.weight"])
 
 
 def test_torchscript_trace_matches_eager(net):
@@ -153,7 +207,7 @@ def test_bad_fusion():
 def test_click_outside_image(net):
     features = net.encode(torch.randn(1, 3, 50, 60))
     labels = torch.tensor([[1, 0]])
-    with pytest.raises(ValueError, match=r"click \(x=60, y=3\) lies outside the 60x50"):
+    with pytest.raises(ValueError, match=r"point click \[60, 3\] is outside the image \(60x50"):
         net.decode(features, torch.tensor([[[60.0, 3.0], [1.0, 1.0]]]), labels)
     with pytest.raises(ValueError, match="outside"):
         net.decode(features, torch.tensor([[[5.0, -1.0], [1.0, 1.0]]]), labels)

@@ -14,12 +14,9 @@ from PIL import Image
 
 from sppnet_monai.data.prepare import prepare_demo
 from sppnet_monai.inferers import PromptedSlidingWindowInferer
-from sppnet_monai.networks import SPPNet
+from sppnet_monai.networks import PIXEL_MEAN, PIXEL_STD, SPPNet
 from sppnet_monai.predict import Predictor, run_predict
 from sppnet_monai.utils import SPPNetError
-
-PIXEL_MEAN = [123.675, 116.28, 103.53]
-PIXEL_STD = [58.395, 57.12, 57.375]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +40,10 @@ def test_tiling_matches_a_single_pass_when_the_image_fits():
     image = torch.randn(1, 5, 64, 64)
     image[:, 3:] = 0
     image[0, 3, 20, 30] = image[0, 4, 60, 2] = 1.0
-    inferer = PromptedSlidingWindowInferer(PIXEL_MEAN, PIXEL_STD, roi_size=(64, 64), overlap=0.25, mode="gaussian")
+    inferer = PromptedSlidingWindowInferer(roi_size=(64, 64), overlap=0.25, mode="gaussian")
     with torch.no_grad():
-        torch.testing.assert_close(inferer(image, net), net(image), atol=1e-5, rtol=1e-5)
+        assert torch.equal(inferer(image, net), net(image))  # one window: the network's own logits, no blending
+        assert torch.equal(inferer(image[..., :40], net), net(image[..., :40]))  # narrower: padded by the network
 
 
 def test_every_window_gets_a_prompt():
@@ -62,7 +60,7 @@ def test_every_window_gets_a_prompt():
     image = torch.zeros(1, 5, 150, 150)
     image[0, :3] = (torch.from_numpy(rgb) - torch.tensor(PIXEL_MEAN)[:, None, None]) / torch.tensor(PIXEL_STD)[:, None, None]
     image[0, 3, 35, 35] = 1.0  # the user's click: in the first windows only
-    inferer = PromptedSlidingWindowInferer(PIXEL_MEAN, PIXEL_STD, roi_size=(64, 64), overlap=0.25)
+    inferer = PromptedSlidingWindowInferer(roi_size=(64, 64), overlap=0.25)
     out = inferer(image, network)
     assert out.shape == (1, 1, 150, 150)
     peaks = torch.cat(seen)
@@ -77,8 +75,8 @@ def test_predict_cli_writes_masks_and_instances(checkpoint, images, tmp_path):
     clicks.write_text(f"image,x,y,label\n{first},30,20,1\n{first},2,2,0\n")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "sppnet_monai", "predict", str(images), str(checkpoint), str(out),
-         "--clicks", str(clicks), "--formats", "png,nii", "--image_size", "64"],
+        [sys.executable, "-m", "sppnet_monai", "predict", str(images), str(out), "--checkpoint", str(checkpoint),
+         "--clicks", str(clicks), "--formats", "png,nii"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -86,6 +84,13 @@ def test_predict_cli_writes_masks_and_instances(checkpoint, images, tmp_path):
     assert len(summary["images"]) == 3 and not summary["failed"]
     mask = np.asarray(Image.open(out / f"{Path(first).stem}_mask.png"))
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    expected_mask, expected_instances = Predictor(str(checkpoint)).predict(
+        {"image": str(images / first), "foreground": [[30.0, 20.0]], "background": [[2.0, 2.0]]}
+    )
+    np.testing.assert_array_equal(mask > 0, expected_mask)
+    instances = np.asarray(Image.open(out / f"{Path(first).stem}_instances.png"))
+    np.testing.assert_array_equal(instances, expected_instances)
+    assert summary["images"][str(images / first)]["nuclei"] == int(expected_instances.max())
     import nibabel as nib
 
     nifti = nib.load(str(out / f"{Path(first).stem}_mask.nii.gz")).get_fdata()
@@ -97,9 +102,16 @@ def test_large_image_is_tiled(checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     big = tmp_path / "big.png"
     Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(big)
-    summary = run_predict(str(big), str(checkpoint), str(tmp_path / "out"), image_size=64)
-    assert np.asarray(Image.open(tmp_path / "out" / "big_mask.png")).shape == (150, 200)
-    assert summary["images"]
+    summary = run_predict(str(big), str(tmp_path / "out"), checkpoint=str(checkpoint))
+    mask = np.asarray(Image.open(tmp_path / "out" / "big_mask.png")) > 0
+    predictor = Predictor(str(checkpoint))
+    image = predictor.prepare({"image": str(big), "foreground": [], "background": []})
+    windows = []
+    with torch.no_grad():
+        logits = predictor.inferer(image[None], lambda w: windows.append(w.shape) or predictor.network(w))[0]
+    assert mask.shape == (150, 200) and len(windows) > 1 and all(shape[-2:] == (64, 64) for shape in windows)
+    np.testing.assert_array_equal(mask, predictor.mask(logits))
+    assert summary["images"][str(big)]["nuclei_fraction"] == round(float(mask.mean()), 4)
 
 
 def test_bad_images_are_reported_and_others_processed(checkpoint, images, tmp_path):
@@ -111,7 +123,7 @@ def test_bad_images_are_reported_and_others_processed(checkpoint, images, tmp_pa
     clicks = tmp_path / "clicks.json"
     name = sorted(images.iterdir())[1].name
     clicks.write_text(json.dumps({name: {"foreground": [[500, 3]], "background": []}}))
-    summary = run_predict(str(folder), str(checkpoint), str(tmp_path / "out"), clicks=str(clicks), image_size=64)
+    summary = run_predict(str(folder), str(tmp_path / "out"), checkpoint=str(checkpoint), clicks=str(clicks))
     assert len(summary["images"]) == 1
     assert "broken.png" in " ".join(summary["failed"])
     assert any("outside" in message for message in summary["failed"].values())
@@ -120,11 +132,11 @@ def test_bad_images_are_reported_and_others_processed(checkpoint, images, tmp_pa
 def test_empty_folder_and_no_usable_image(checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SPPNetError, match="no images"):
-        run_predict(str(tmp_path / "empty"), str(checkpoint), str(tmp_path / "out"), image_size=64)
+        run_predict(str(tmp_path / "empty"), str(tmp_path / "out"), checkpoint=str(checkpoint))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
     with pytest.raises(SPPNetError, match="no image could be processed"):
-        run_predict(str(tmp_path / "bad"), str(checkpoint), str(tmp_path / "out"), image_size=64)
+        run_predict(str(tmp_path / "bad"), str(tmp_path / "out"), checkpoint=str(checkpoint))
 
 
 def test_mismatched_checkpoint_is_one_line(tmp_path, images):
@@ -133,17 +145,31 @@ def test_mismatched_checkpoint_is_one_line(tmp_path, images):
     unet = tmp_path / "unet.pt"
     torch.save(BasicUNet(spatial_dims=2, in_channels=5, out_channels=1).state_dict(), unet)
     result = subprocess.run(
-        [sys.executable, "-m", "sppnet_monai", "predict", str(images), str(unet), str(tmp_path / "out")],
+        [sys.executable, "-m", "sppnet_monai", "predict", str(images), str(tmp_path / "out"), "--checkpoint", str(unet)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+    assert result.stderr.strip().splitlines()[-1] == f"error: checkpoint {unet} is not an SPPNet checkpoint (its keys look like unknown: {next(iter(torch.load(unet)))}, " + ", ".join(list(torch.load(unet))[1:3]) + ")."
+
+
+def test_contradicting_image_size_is_one_line_from_the_command_line(checkpoint, images, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sppnet_monai", "predict", str(images), str(tmp_path / "out"), "--checkpoint", str(checkpoint),
+         "--image_size", "128"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint {checkpoint} was trained with image_size 64 (this network: 128): leave these settings out "
+        "to use the checkpoint's own, or give the same values."
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_predictor_reads_the_bundle_config(checkpoint):
-    predictor = Predictor(str(checkpoint), image_size=64)
-    assert predictor.network.image_size == 64 and predictor.threshold == 0.5
+    predictor = Predictor(str(checkpoint), threshold=0.4)
+    assert predictor.network.image_size == 64 and predictor.threshold == 0.4  # the size from the checkpoint's recipe
 
 
 def test_evaluate_cli_reports_every_metric_and_prompt_spread(checkpoint, tmp_path):
@@ -151,8 +177,8 @@ def test_evaluate_cli_reports_every_metric_and_prompt_spread(checkpoint, tmp_pat
     prepare_demo(dataset, num_images=4, image_size=64, seed=2, val_fraction=0.5)
     out = tmp_path / "eval"
     result = subprocess.run(
-        [sys.executable, "-m", "sppnet_monai", "evaluate", str(checkpoint), str(dataset), "--output_dir", str(out),
-         "--prompt_draws", "3", "--overlays", "--image_size", "64"],
+        [sys.executable, "-m", "sppnet_monai", "evaluate", str(dataset), "--checkpoint", str(checkpoint), "--output_dir", str(out),
+         "--prompt_draws", "3", "--overlays"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,6 +1,9 @@
-"""Click-driven SPPNet inference with a per-image embedding cache (no MONAI Label import here).
+"""Click-driven SPPNet inference with a per-window embedding cache (no MONAI Label import here).
 
-The server-independent part of the app, so that it can be used and tested on its own:
+The server-independent part of the app, so that it can be used and tested on its own. It runs the
+bundle's own pixel path (:class:`sppnet_monai.predict.Predictor`: ``inference.json``'s
+``load_image`` and ``prompt_preprocessing`` transforms, network and threshold rule), so a click here
+gives the mask ``predict`` and bundle inference give for the same image and clicks.
 
 - **Window.** SPPNet sees ``image_size x image_size`` pixels. An image that fits is processed
   whole (padded by the network). A larger image is never resized: each foreground click is served
@@ -8,23 +11,24 @@ The server-independent part of the app, so that it can be used and tested on its
   ``image_size / 2`` (plus the last window flush with the right/bottom border) and whose centre is
   nearest the click, so the click is at least ``image_size / 4`` from the window's edge (except
   at the image border) and nearby clicks share a window, hence an embedding.
-- **Prompts.** Each foreground click is one positive point; the negative point is the first
-  ``background`` click that falls in the same window; if there is none, it is chosen
-  automatically in that window by :func:`sppnet_monai.transforms.choose_clicks` (the bundle's
-  ``AutoClickd`` rule): the background pixel farthest from any nucleus-like blob of the Otsu
-  threshold of the hematoxylin channel (and from the window border). A window with no such
-  background gets no negative point.
+- **Prompts.** The foreground clicks of a window are its positive clicks and its background clicks
+  its negative ones, by the project's click rule (:mod:`sppnet_monai.clicks`: several positive
+  clicks give the union of their masks, the first negative click in scan order is used). Without a
+  background click in the window, the bundle's ``AutoClickd`` chooses one from the window's pixels
+  (once per window: it is cached with the embedding).
 - **Cache.** ``SPPNet.encode`` output of each window is kept in an LRU dictionary keyed by
   ``(image path, file mtime, file size, window)``, so a second click in the same window skips the
   encoder; :attr:`ClickSegmenter.encoder_runs` counts encoder calls. The cache is emptied when the
   checkpoint file changes (it is reloaded, e.g. after ``/train``).
-- **Output.** The union of the windows' masks (thresholded sigmoid) in a full-size ``(H, W)``
-  mask, split into nuclei by :func:`sppnet_monai.postprocess.instances_from_semantic` with the
-  bundle's ``instance_postprocess`` parameters.
+- **Output.** The union of the windows' masks in a full-size ``(H, W)`` mask, split into nuclei by
+  :func:`sppnet_monai.postprocess.instances_from_semantic` with the bundle's ``instance_postprocess``.
+- **Errors.** Bad clicks and unreadable images raise :class:`~sppnet_monai.utils.SPPNetError`
+  (:class:`ImageNotFoundError` for a missing image); the infer task answers them with HTTP 400 / 404.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -34,39 +38,41 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+
+from sppnet_monai.clicks import click_pixels, first_in_scan_order
+from sppnet_monai.utils import SPPNetError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClickError", "ClickSegmenter", "choose_window", "parse_clicks"]
+__all__ = ["ClickSegmenter", "ImageNotFoundError", "choose_window", "nuclei_contours", "parse_clicks"]
 
 
-class ClickError(ValueError):
-    """A request the user must fix (bad clicks, unreadable image, no model): answered with HTTP 4xx."""
+class ImageNotFoundError(SPPNetError):
+    """The request names an image that does not exist: answered with HTTP 404."""
 
 
-def parse_clicks(value: Any, name: str) -> list[list[int]]:
-    """``[[x, y], ...]`` of ints from request params (a list, or a JSON string of one); raise ClickError."""
+def parse_clicks(value: Any, name: str) -> list[list[float]]:
+    """``[[x, y], ...]`` from request params (a list, or a JSON string of one); a 3rd value (slice index) is dropped.
+
+    Raises SPPNetError for anything else; whether the clicks lie inside the image is checked later,
+    by :func:`sppnet_monai.clicks.click_pixels`, the rule every path uses.
+    """
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        import json
-
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise ClickError(f"'{name}' must be a list of [x, y] pairs, got the string {value[:80]!r}.") from err
+            raise SPPNetError(f"'{name}' must be a list of [x, y] pairs, got the string {value[:80]!r}.") from err
     if not isinstance(value, (list, tuple)):
-        raise ClickError(f"'{name}' must be a list of [x, y] pairs, got {type(value).__name__}.")
+        raise SPPNetError(f"'{name}' must be a list of [x, y] pairs, got {type(value).__name__}.")
     clicks = []
     for point in value:
-        if (
-            not isinstance(point, (list, tuple))
-            or len(point) < 2
-            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) for c in point[:2])
+        if not isinstance(point, (list, tuple)) or len(point) < 2 or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) for c in point[:2]
         ):
-            raise ClickError(f"'{name}' must be a list of [x, y] pairs of numbers, got the element {point!r}.")
-        clicks.append([int(round(point[0])), int(round(point[1]))])  # a 3rd value (slice index) is ignored
+            raise SPPNetError(f"'{name}' must be a list of [x, y] pairs of numbers, got the element {point!r}.")
+        clicks.append([point[0], point[1]])
     return clicks
 
 
@@ -119,7 +125,8 @@ class ClickSegmenter:
     Args:
         bundle_dir: a MONAI bundle folder with ``configs/inference.json`` and ``models/model.pt``.
         cache_size: how many window embeddings to keep (each ~12 MB at image_size 1024).
-        overrides: ids of ``inference.json`` to override (e.g. ``image_size=256``, ``threshold=0.4``).
+        overrides: ids of ``inference.json`` to override (e.g. ``threshold=0.4``); ``image_size``
+            comes from the checkpoint's recipe, and a contradicting override is an error.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, cache_size: int = 8, **overrides: Any) -> None:
@@ -130,6 +137,7 @@ class ClickSegmenter:
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
         self.encoder_runs = 0
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
+        self._image: tuple[tuple, dict] | None = None  # the last image read: (key, loaded data)
         self._predictor = None
         self._model_stamp: tuple | None = None
         self._lock = threading.RLock()
@@ -139,9 +147,9 @@ class ClickSegmenter:
         from sppnet_monai.predict import Predictor
 
         if not self.config.is_file():
-            raise ClickError(f"no bundle inference config at {self.config}.")
+            raise SPPNetError(f"no bundle inference config at {self.config}.")
         if not self.checkpoint.is_file():
-            raise ClickError(f"no trained model at {self.checkpoint}: train one (POST /train) or copy model.pt there.")
+            raise SPPNetError(f"no trained model at {self.checkpoint}: train one (POST /train) or copy model.pt there.")
         stat = self.checkpoint.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
         if self._predictor is None or stamp != self._model_stamp:
@@ -153,31 +161,25 @@ class ClickSegmenter:
 
     @property
     def image_size(self) -> int:
-        return int(self._model().network.image_size)
+        return self._model().image_size
 
-    # -- embedding cache ---------------------------------------------------------------------
+    # -- image and embedding cache -------------------------------------------------------------
+    def _loaded(self, path: Path, stamp: tuple, predictor) -> dict:
+        """``{"image": (3, H, W) RGB 0-255}`` by the bundle's ``load_image``; the last image is kept."""
+        key = (str(path), *stamp)
+        if self._image is None or self._image[0] != key:
+            self._image = (key, predictor.load_image({"image": str(path)}))
+        return self._image[1]
+
     def _window_entry(self, path: Path, stamp: tuple, window: tuple, predictor) -> tuple[dict, bool]:
         key = (str(path), *stamp, window)
         entry = self._cache.get(key)
         if entry is not None:
             self._cache.move_to_end(key)
             return entry, True
-        from sppnet_monai.data.image_io import read_rgb
-        from sppnet_monai.utils import SPPNetError
-
         x0, y0, w, h = window
-        try:  # the project's RGB conversion (alpha over white, 16-bit scaled), as prepare and the bundle do
-            rgb = read_rgb(path)[y0 : y0 + h, x0 : x0 + w].astype(np.float32)  # (h, w, 3)
-        except SPPNetError as err:
-            raise ClickError(str(err)) from err
-        chw = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
-        mean = np.asarray(predictor.pixel_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(predictor.pixel_std, dtype=np.float32)[:, None, None]
-        tensor = torch.from_numpy((chw - mean) / std)[None].to(predictor.device)
-        with torch.no_grad():
-            features = predictor.network.encode(tensor)
-        self.encoder_runs += 1
-        entry = {"features": features, "rgb": chw, "auto_background": None}
+        rgb = self._loaded(path, stamp, predictor)["image"][:, y0 : y0 + h, x0 : x0 + w]
+        entry = {"rgb": rgb, "features": None, "auto_background": None}
         if self.cache_size:
             self._cache[key] = entry
             while len(self._cache) > self.cache_size:
@@ -187,61 +189,69 @@ class ClickSegmenter:
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._image = None
 
     # -- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _segment_window(self, entry: dict, foreground: list, background: list, predictor) -> tuple[np.ndarray, list, bool]:
+        """The window's mask ``(h, w)`` bool, the background click used (window pixels) and whether it was automatic."""
+        auto = not background
+        if auto and entry["auto_background"] is not None:
+            background = entry["auto_background"]
+        image = predictor.prompt({"image": entry["rgb"], "foreground": foreground, "background": background})
+        network = predictor.network
+        if entry["features"] is None:
+            entry["features"] = network.encode(image[None, :3].to(predictor.device))
+            self.encoder_runs += 1
+        logits = network.decode_guidance(entry["features"], image[None, 3:5].to(predictor.device))[0]
+        used = first_in_scan_order(np.argwhere(image[4].cpu().numpy() > 0)[:, ::-1]).tolist()
+        if auto and used:
+            entry["auto_background"] = used
+        return predictor.mask(logits[:1]), used, auto
+
     def segment(
-        self, image_path: str | os.PathLike, foreground: Sequence[Sequence[int]], background: Sequence[Sequence[int]] = ()
+        self, image_path: str | os.PathLike, foreground: Sequence[Sequence[float]], background: Sequence[Sequence[float]] = ()
     ) -> tuple[np.ndarray, np.ndarray, dict]:
         """Nuclei mask ``(H, W)`` uint8 0/1, instance map ``(H, W)`` int32 and a JSON-able summary."""
+        from PIL import Image
+
         from sppnet_monai.postprocess import instances_from_semantic
-        from sppnet_monai.transforms import choose_clicks
 
         path = Path(image_path)
+        if not path.is_file():
+            raise ImageNotFoundError(f"image {path.name} not found.")
         try:
             stat = path.stat()
             with Image.open(path) as img:
                 width, height = img.size
         except (OSError, Image.DecompressionBombError) as err:
-            raise ClickError(f"cannot read image {path.name}: {err}") from err
-        foreground = [list(p) for p in foreground]
-        background = [list(p) for p in background]
-        if not foreground:
-            raise ClickError("give at least one foreground click: params {\"foreground\": [[x, y]]}.")
-        for name, clicks in (("foreground", foreground), ("background", background)):
-            for x, y in clicks:
-                if not (0 <= x < width and 0 <= y < height):
-                    raise ClickError(f"{name} click [{x}, {y}] lies outside the {width}x{height} (WxH) image.")
+            raise SPPNetError(f"cannot read image {path.name}: {err}") from err
+        if not len(foreground):
+            raise SPPNetError("give at least one foreground click: params {\"foreground\": [[x, y]]}.")
+        positive = click_pixels(foreground, width, height, "foreground", f"the {width}x{height} (WxH) image")
+        negative = click_pixels(background, width, height, "background", f"the {width}x{height} (WxH) image")
 
         with self._lock:
             predictor = self._model()
-            size = int(predictor.network.image_size)
+            size = predictor.image_size
             stamp = (stat.st_mtime_ns, stat.st_size)
             mask = np.zeros((height, width), dtype=bool)
             windows: dict[tuple, list] = {}
-            for x, y in foreground:
+            for x, y in positive.tolist():
                 windows.setdefault(choose_window(x, y, width, height, size), []).append([x, y])
             summary = []
             for window, clicks in windows.items():
                 x0, y0, w, h = window
                 entry, hit = self._window_entry(path, stamp, window, predictor)
-                inside = [[x - x0, y - y0] for x, y in background if x0 <= x < x0 + w and y0 <= y < y0 + h]
-                auto = not inside
-                if auto:
-                    if entry["auto_background"] is None:
-                        entry["auto_background"] = choose_clicks(entry["rgb"])[1]
-                    inside = entry["auto_background"]
-                negative, negative_label = (inside[0], 0) if inside else ([0, 0], -1)
-                coords = torch.tensor([[[x - x0, y - y0], negative] for x, y in clicks], dtype=torch.float32)
-                labels = torch.tensor([[1, negative_label]] * len(clicks))
-                with torch.no_grad():
-                    out = predictor.network.decode(entry["features"], coords.to(predictor.device), labels.to(predictor.device))
-                probs = torch.sigmoid(out.masks[:, 0].float()).amax(dim=0).cpu().numpy()
-                mask[y0 : y0 + h, x0 : x0 + w] |= probs > predictor.threshold
+                inside = [[x - x0, y - y0] for x, y in negative.tolist() if x0 <= x < x0 + w and y0 <= y < y0 + h]
+                local = [[x - x0, y - y0] for x, y in clicks]
+                window_mask, used, auto = self._segment_window(entry, local, inside, predictor)
+                mask[y0 : y0 + h, x0 : x0 + w] |= window_mask
                 summary.append(
                     {
                         "window": [x0, y0, w, h],
                         "foreground": clicks,
-                        "background": [[negative[0] + x0, negative[1] + y0]] if inside else [],
+                        "background": [[x + x0, y + y0] for x, y in used],
                         "background_auto": auto,
                         "embedding_cached": hit,
                     }

@@ -13,7 +13,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
-from lib.engine import ClickError, ClickSegmenter, nuclei_contours, parse_clicks
+from lib.engine import ClickSegmenter, ImageNotFoundError, nuclei_contours, parse_clicks
+from sppnet_monai.utils import SPPNetError
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,11 @@ class SPPNetClickInfer(InferTask):
             background = parse_clicks(request.get("background"), "background")
             label_type = str(request.get("label_type", "mask"))
             if label_type not in ("mask", "instances"):
-                raise ClickError(f"label_type must be 'mask' or 'instances', got {label_type!r}.")
+                raise SPPNetError(f"label_type must be 'mask' or 'instances', got {label_type!r}.")
             mask, instances, info = self.segmenter.segment(image, foreground, background)
-        except ClickError as err:
+        except ImageNotFoundError as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+        except SPPNetError as err:  # the user's request: answered, never a 500
             raise HTTPException(status_code=400, detail=str(err)) from err
         infer_time = time.perf_counter() - start
 

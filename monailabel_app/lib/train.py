@@ -13,6 +13,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 logger = logging.getLogger(__name__)
 
+VAL_FRACTION, SPLIT_SEED = 0.2, 0  # prepare's defaults
+
 # Request keys passed to the bundle as config overrides, with their types.
 OVERRIDES = {
     "max_epochs": int,
@@ -52,17 +54,19 @@ class SPPNetTrain(TrainTask):
     def __call__(self, request: Dict[str, Any], datastore: Datastore):
         from monai.bundle import ConfigWorkflow
 
-        from sppnet_monai.data.datalist import write_datalist
+        from sppnet_monai.data.datalist import split_train_val, write_datalist
         from sppnet_monai.utils import atomic_path
 
-        pairs = sorted(datastore.datalist(), key=lambda d: d["image"])
+        pairs = {d["image"]: d["label"] for d in datastore.datalist()}
         if len(pairs) < 2:
             raise ValueError(f"training needs at least 2 images with a final label in the datastore, found {len(pairs)}.")
-        num_val = max(1, round(0.2 * len(pairs)))
+        # The split rule of `prepare` (one home): deterministic in the seed, independent of the order.
+        training, validation = split_train_val(list(pairs), VAL_FRACTION, SPLIT_SEED)
         dataset_dir = self.bundle_dir / "data" / "monailabel"
         dataset_dir.mkdir(parents=True, exist_ok=True)
-        entries = [{"image": d["image"], "label": d["label"]} for d in pairs]
-        write_datalist(dataset_dir, "monailabel", "MONAI Label datastore images with a final label", entries[:-num_val], entries[-num_val:])
+        training, validation = ([{"image": image, "label": pairs[image]} for image in split] for split in (training, validation))
+        write_datalist(dataset_dir, "monailabel", "MONAI Label datastore images with a final label", training, validation)
+        num_val = len(validation)
 
         overrides = {k: OVERRIDES[k](request[k]) for k in OVERRIDES if request.get(k) not in (None, "")}
         models = self.bundle_dir / "models"
@@ -71,13 +75,19 @@ class SPPNetTrain(TrainTask):
         served = models / "model.pt"
         finetune = str(request.get("finetune", True)).lower() not in ("false", "0", "no")
         if finetune and served.is_file():
+            from sppnet_monai.networks.checkpoints import read_recipe
+
             start = run_dir / "initial_model.pt"
             shutil.copy2(served, start)
+            # Fine-tuning keeps the served model's settings; a contradicting request fails on loading.
+            for key in ("image_size", "fusion"):
+                overrides.setdefault(key, read_recipe(start).get(key))
+            overrides = {k: v for k, v in overrides.items() if v is not None}
             overrides["network"] = f"$sppnet_monai.workflows.load_trained(@network_def, {str(start)!r}).to(@device)"
         overrides["ckpt_dir"] = str(run_dir)
         configs = self.bundle_dir / "configs"
         config_files = [str(configs / "train.json")] + [str(configs / name) for name in self.train_configs]
-        logger.info("training %s on %d images (%d validation); overrides %s", config_files, len(entries), num_val, overrides)
+        logger.info("training %s on %d images (%d validation); overrides %s", config_files, len(pairs), num_val, overrides)
         workflow = ConfigWorkflow(
             config_file=config_files,
             meta_file=str(configs / "metadata.json"),
@@ -96,4 +106,4 @@ class SPPNetTrain(TrainTask):
         with atomic_path(served) as tmp:
             shutil.copy2(best, tmp)
         logger.info("new model %s -> %s", best, served)
-        return {"model": str(served), "run_dir": str(run_dir), "finetuned": "network" in overrides, "images": len(entries), "validation": num_val}
+        return {"model": str(served), "run_dir": str(run_dir), "finetuned": "network" in overrides, "images": len(pairs), "validation": num_val}

@@ -61,35 +61,15 @@ def _read_array(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
 
 
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
-    """``(H, W)``, ``(H, W, 1|2|3|4)`` of any dtype -> ``(H, W, 3)`` uint8.
+    """``(H, W)``, ``(H, W, 1|2|3|4)`` of any dtype -> ``(H, W, 3)`` uint8, by the bundle's own RGB rule.
 
-    16-bit integers are scaled by their full range (65535 -> 255); wider integers (Pillow's
-    mode "I") by the 8-bit, 16-bit or full range, whichever first holds their maximum. Floats
-    are taken as ``[0, 1]`` when their maximum is at most 1, else as ``[0, 255]``. Alpha is
-    composited over white, the colour of an empty slide.
+    :class:`~sppnet_monai.transforms.EnsureRGB` decides the scale and composites alpha over white;
+    this rounds its result, so a prepared image holds the pixels the bundle would read directly.
     """
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
-        full_range = np.iinfo(array.dtype).max
-        if array.dtype.itemsize > 2:
-            full_range = next(m for m in (255, 65535, full_range) if array.max() <= m)
-        array = np.clip(array.astype(np.float64), 0, full_range) * (255.0 / full_range)
-    elif np.issubdtype(array.dtype, np.floating):
-        array = np.nan_to_num(array.astype(np.float64))
-        array = array * 255.0 if array.max() <= 1.0 else array
-    array = np.clip(array.astype(np.float64), 0, 255)
-    if array.ndim == 2:
-        array = array[..., None]
-    channels = array.shape[-1]
-    if channels in (2, 4):  # grey + alpha, RGB + alpha
-        alpha = array[..., -1:] / 255.0
-        array = array[..., :-1] * alpha + 255.0 * (1.0 - alpha)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    if array.shape[-1] != 3:
-        raise ValueError(f"cannot convert an image with {channels} channels to RGB")
-    return np.round(array).astype(np.uint8)
+    from sppnet_monai.transforms.image import EnsureRGB
+
+    chw = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    return np.moveaxis(np.round(EnsureRGB()(chw)).astype(np.uint8), 0, -1)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:

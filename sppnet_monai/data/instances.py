@@ -8,7 +8,14 @@ from __future__ import annotations
 import numpy as np
 from skimage import measure, segmentation
 
-__all__ = ["MAX_INSTANCES", "count_instances", "instances_from_mask", "is_binary_mask", "relabel_consecutive"]
+__all__ = [
+    "MAX_INSTANCES",
+    "binary_to_instances",
+    "count_instances",
+    "instances_from_mask",
+    "is_binary_mask",
+    "relabel_consecutive",
+]
 
 MAX_INSTANCES = np.iinfo(np.uint16).max
 
@@ -25,15 +32,29 @@ def is_binary_mask(mask: np.ndarray) -> bool:
     return mask.dtype == bool or set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}
 
 
-def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
-    """``(H, W)`` integer labels with arbitrary ids -> uint16 ids ``1..N``, keeping their order.
+def relabel_consecutive(labels: np.ndarray, dtype: np.dtype = np.uint16) -> np.ndarray:
+    """``(H, W)`` integer labels with arbitrary ids -> ids ``1..N`` of ``dtype``, keeping their order (0 stays 0).
 
-    Raises ValueError when there are more instances than uint16 can hold.
+    Raises ValueError for a map that is not integer (or bool), holds negative ids, or has more
+    instances than ``dtype`` can hold.
     """
+    labels = np.asarray(labels)
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"an instance label map needs integer ids, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("an instance label map cannot hold negative ids")
     relabelled, _, _ = segmentation.relabel_sequential(labels.astype(np.int64, copy=False))
-    if relabelled.max(initial=0) > MAX_INSTANCES:
-        raise ValueError(f"{int(relabelled.max())} instances do not fit a uint16 label map")
-    return relabelled.astype(np.uint16)
+    if relabelled.max(initial=0) > np.iinfo(dtype).max:
+        raise ValueError(f"{int(relabelled.max())} instances do not fit a {np.dtype(dtype).name} label map")
+    return relabelled.astype(dtype, copy=False)
+
+
+def binary_to_instances(mask: np.ndarray) -> np.ndarray:
+    """``(H, W)`` binary mask (non-zero = nucleus) -> int64 instances: its 4-connected components, numbered in scan order.
+
+    4-connectivity, so that a one-pixel background line drawn between touching nuclei keeps them apart.
+    """
+    return measure.label(np.asarray(mask) != 0, connectivity=1).astype(np.int64, copy=False)
 
 
 def _colours_to_ids(mask: np.ndarray) -> np.ndarray:
@@ -68,7 +89,7 @@ def instances_from_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
     if np.issubdtype(mask.dtype, np.signedinteger) and mask.min() < 0:
         raise ValueError("mask has negative values: neither binary nor instance ids")
     if is_binary_mask(mask):
-        return relabel_consecutive(measure.label(mask > 0, connectivity=1)), FROM_CONNECTED_COMPONENTS
+        return relabel_consecutive(binary_to_instances(mask)), FROM_CONNECTED_COMPONENTS
     return relabel_consecutive(mask), FROM_INSTANCE_MAP
 
 

@@ -1,15 +1,30 @@
 from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
 from sppnet_monai.networks.llsie import LLSIE
 from sppnet_monai.networks.mask_decoder import FUSION_MODES, SPPMaskDecoder
-from sppnet_monai.networks.sppnet import ImageFeatures, SPPNet, SPPNetOutput, clicks_from_guidance
+from sppnet_monai.networks.sppnet import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    RECIPE_KEYS,
+    ImageFeatures,
+    SPPNet,
+    SPPNetOutput,
+    check_image_size,
+    clicks_from_guidance,
+    denormalize_rgb,
+)
 
 __all__ = [
     "FUSION_MODES",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "RECIPE_KEYS",
     "ImageFeatures",
     "LLSIE",
     "SPPMaskDecoder",
     "SPPNet",
     "SPPNetOutput",
     "TinyViTImageEncoder",
+    "check_image_size",
     "clicks_from_guidance",
+    "denormalize_rgb",
 ]

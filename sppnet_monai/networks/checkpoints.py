@@ -11,7 +11,10 @@ the keys, never a silent partial load.
 - SAM (``sam_vit_{b,l,h}*.pth``): prompt encoder and mask decoder only (same shapes for all three);
   the ViT encoder has no counterpart and is left out, the Tiny-ViT encoder keeps its weights.
 - SPPNet: a state dict saved by this project (bare, as the bundle's ``models/model.pt``, or inside a
-  training checkpoint under ``network``/``model``/``state_dict``).
+  training checkpoint under ``network``/``model``/``state_dict``). Since 0.2 it carries the network's
+  recipe (``_extra_state``: ``image_size``, ``fusion``, ...; see ``SPPNet.recipe``): loading it into a
+  network built otherwise is an error, and :func:`read_recipe` tells what to build. Older plain
+  state dicts still load into a network built with the right settings by hand.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from torch import nn
 
 from sppnet_monai.utils import SPPNetError
 
-__all__ = ["CHECKPOINT_KINDS", "detect_checkpoint_kind", "load_checkpoint", "read_state_dict"]
+__all__ = ["CHECKPOINT_KINDS", "detect_checkpoint_kind", "load_checkpoint", "read_recipe", "read_state_dict"]
 
 StateDict = Dict[str, torch.Tensor]
+# Where nn.Module.get_extra_state puts SPPNet's recipe in its state dict.
+EXTRA_STATE_KEY = "_extra_state"
 
 # (pattern, replacement) applied in order to MobileSAM image-encoder keys (after "image_encoder.").
 _MOBILE_SAM_ENCODER_RULES: List[Tuple[str, Callable[[re.Match], str] | str]] = [
@@ -57,10 +62,43 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     for wrapper in ("network", "model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(v, torch.Tensor) or k.endswith(EXTRA_STATE_KEY) for k, v in obj.items()
+    ):
         raise SPPNetError(f"checkpoint {path} holds no state dict of tensors.")
     # DataParallel / DistributedDataParallel save their module under "module.".
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def read_recipe(path: str | os.PathLike) -> Dict[str, object]:
+    """The recipe an SPPNet checkpoint was saved with (``SPPNet.recipe``), or ``{}`` for an older plain state dict.
+
+    Raises SPPNetError for a file that is not an SPPNet checkpoint.
+    """
+    source = read_state_dict(path)
+    detected = detect_checkpoint_kind(source)
+    if detected != "sppnet":
+        raise SPPNetError(f"checkpoint {path} is not an SPPNet checkpoint (its keys look like {detected}: {', '.join(list(source)[:3])}).")
+    extra = source.get(EXTRA_STATE_KEY)
+    recipe = extra.get("recipe") if isinstance(extra, Mapping) else None
+    return dict(recipe) if isinstance(recipe, Mapping) else {}
+
+
+def _check_recipe(net: nn.Module, path: str | os.PathLike, source: Mapping[str, object]) -> None:
+    """Refuse a checkpoint whose recipe contradicts how ``net`` was built (a 256 model run at 1024, say)."""
+    from sppnet_monai.networks.sppnet import RECIPE_KEYS
+
+    extra = source.get(EXTRA_STATE_KEY)
+    saved = extra.get("recipe", {}) if isinstance(extra, Mapping) else {}
+    built = getattr(net, "recipe", None)
+    if not saved or built is None:
+        return
+    differ = [f"{key} {saved[key]!r} (this network: {built[key]!r})" for key in RECIPE_KEYS if key in saved and saved[key] != built[key]]
+    if differ:
+        raise SPPNetError(
+            f"checkpoint {path} was trained with {', '.join(differ)}: leave these settings out to use the "
+            "checkpoint's own, or give the same values."
+        )
 
 
 def detect_checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -129,11 +167,16 @@ def load_checkpoint(net: nn.Module, path: str | os.PathLike, kind: str = "auto")
         )
     if detected != kind:
         raise SPPNetError(f"checkpoint {path} is not a {kind} checkpoint (its keys look like {detected}: {first}).")
+    if kind == "sppnet":
+        _check_recipe(net, path, source)
     mapping, filled_prefixes = CHECKPOINT_KINDS[kind]
     mapped = mapping(source)
     target = net.state_dict()
+    # The recipe is not a weight: an older checkpoint without one loads into a network built by hand.
     expected = {
-        k for k in target if k.startswith(filled_prefixes) and not (kind != "sppnet" and _SPPNET_ONLY.match(k))
+        k
+        for k in target
+        if k.startswith(filled_prefixes) and k != EXTRA_STATE_KEY and not (kind != "sppnet" and _SPPNET_ONLY.match(k))
     }
     _check_keys(path, kind, mapped, target, expected)
     net.load_state_dict(mapped, strict=False)
@@ -153,7 +196,7 @@ def _check_keys(
     mismatched = sorted(
         f"{k} {tuple(mapped[k].shape)} vs {tuple(target[k].shape)}"
         for k in set(mapped) & set(target)
-        if mapped[k].shape != target[k].shape
+        if k != EXTRA_STATE_KEY and mapped[k].shape != target[k].shape
     )
     problems = [
         f"{label} ({len(keys)}): {_head(keys)}"

@@ -8,22 +8,50 @@ Coordinates of clicks are ``(x, y) = (column, row)`` in pixels of the input imag
 from __future__ import annotations
 
 import operator
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from sppnet_monai.clicks import click_pixels
 from sppnet_monai.networks.cached_decoding import CachedImageTokens
 from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
 from sppnet_monai.networks.llsie import LLSIE
 from sppnet_monai.networks.mask_decoder import SPPMaskDecoder
+from sppnet_monai.utils import SPPNetError
 
-__all__ = ["ImageFeatures", "SPPNet", "SPPNetOutput", "check_image_size", "clicks_from_guidance"]
+__all__ = [
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "RECIPE_KEYS",
+    "ImageFeatures",
+    "SPPNet",
+    "SPPNetOutput",
+    "check_image_size",
+    "clicks_from_guidance",
+    "denormalize_rgb",
+]
 
 # Point labels of SAM's prompt encoder: -1 marks a padding point ("no click").
 POSITIVE, NEGATIVE, NO_POINT = 1, 0, -1
+
+# SAM's RGB normalisation on 0-255 intensities (ImageNet statistics): the one definition in the project.
+PIXEL_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
+PIXEL_STD: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+
+
+def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """0-255 RGB ``(3, H, W)`` from SAM-normalised ``rgb`` (the inverse of the bundle's ``NormalizeIntensityd``)."""
+    mean = torch.as_tensor(PIXEL_MEAN, dtype=rgb.dtype, device=rgb.device)[:, None, None]
+    std = torch.as_tensor(PIXEL_STD, dtype=rgb.dtype, device=rgb.device)[:, None, None]
+    return rgb * std + mean
+
+
+# What a trained network's shape or meaning depends on: saved with its weights (see SPPNet.recipe).
+RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim")
 
 
 class ImageFeatures(NamedTuple):
@@ -61,7 +89,8 @@ def clicks_from_guidance(click_maps: torch.Tensor) -> Tuple[torch.Tensor, torch.
     Returns:
         point_coords ``(B, 2, 2)`` float32 ``(x, y)`` and point_labels ``(B, 2)``: 1 for the positive
         click, 0 for the negative one, -1 (SAM's padding point) where a map holds no click. With
-        several clicks in one map, the first in scan order is used.
+        several clicks in one map, the first in scan order is read (see :meth:`SPPNet.decode_guidance`
+        for what several positive clicks mean).
     """
     batch, num_maps, _, width = click_maps.shape
     peak, index = click_maps.flatten(2).max(dim=2)
@@ -70,6 +99,22 @@ def clicks_from_guidance(click_maps: torch.Tensor) -> Tuple[torch.Tensor, torch.
     map_labels = torch.tensor([POSITIVE, NEGATIVE], device=click_maps.device)[:num_maps]
     point_labels = torch.where(peak > 0, map_labels.expand(batch, -1), torch.full_like(index, NO_POINT))
     return point_coords, point_labels
+
+
+def _image_of_batch(features: ImageFeatures, index: int) -> ImageFeatures:
+    """The features of image ``index`` of a batch, as a batch of one (tensors shared across the batch stay)."""
+    batch = features.embeddings.shape[0]
+
+    def pick(value):
+        return value[index : index + 1] if isinstance(value, torch.Tensor) and value.shape[0] == batch else value
+
+    cache = features.decoder_cache
+    return ImageFeatures(
+        pick(features.embeddings),
+        pick(features.low_level),
+        features.input_size,
+        None if cache is None else type(cache)(*(pick(value) for value in cache)),
+    )
 
 
 class SPPNet(nn.Module):
@@ -115,6 +160,8 @@ class SPPNet(nn.Module):
         stride = TinyViTImageEncoder.stride
         self.image_size = image_size
         self.multimask_output = multimask_output
+        self._recipe = {"image_size": int(image_size), "fusion": fusion, "encoder_name": encoder_name, "embed_dim": int(embed_dim)}
+        self.loaded_recipe: Optional[Dict[str, Any]] = None
         embedding_size = image_size // stride
         self.image_encoder = TinyViTImageEncoder(encoder_name, out_chans=embed_dim, drop_path_rate=drop_path_rate)
         self.prompt_encoder = PromptEncoder(
@@ -157,6 +204,24 @@ class SPPNet(nn.Module):
     @property
     def fusion(self) -> str:
         return self.mask_decoder.fusion
+
+    @property
+    def recipe(self) -> Dict[str, Any]:
+        """The settings this network's weights only make sense with, and the package version that saved them.
+
+        Saved in every state dict (``_extra_state``), so ``models/model.pt`` tells inference what to
+        build; :func:`~sppnet_monai.networks.checkpoints.load_checkpoint` refuses a contradicting network.
+        """
+        from sppnet_monai import __version__
+
+        return {**self._recipe, "version": __version__}
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"recipe": self.recipe}
+
+    def set_extra_state(self, state: Any) -> None:
+        # load_checkpoint compares recipes before loading, with a message naming the file.
+        self.loaded_recipe = dict(state.get("recipe", {})) if isinstance(state, dict) else {}
 
     def encode(self, image: torch.Tensor) -> ImageFeatures:
         """Image embedding and LLSIE features of ``image`` ``(B, 3, H, W)``, SAM-normalised, H, W <= S.
@@ -207,8 +272,37 @@ class SPPNet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Mask logits ``(B, 1, H, W)`` (``(B, 3, H, W)`` with ``multimask_output``) of ``image`` ``(B, 5, H, W)``."""
         _check_image(image, self.in_channels, self.image_size)
-        point_coords, point_labels = clicks_from_guidance(image[:, 3:5])
-        return self._decode(self.encode(image[:, :3]), point_coords, point_labels, None).masks
+        return self.decode_guidance(self.encode(image[:, :3]), image[:, 3:5])
+
+    def decode_guidance(self, features: ImageFeatures, click_maps: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``(B, M, H, W)`` for the clicks of ``click_maps`` ``(B, 2, H, W)`` against ``features``.
+
+        One positive click per map is SPPNet's prompt (with the negative map's click, see
+        :func:`clicks_from_guidance`). Several positive clicks in one map (pixels at its maximum) are several prompts, each
+        with that same negative click (the first in scan order), and the result is their union: the
+        pixel-wise maximum of their logits (``sppnet_monai.clicks`` states this rule for every path).
+        ``forward`` is ``decode_guidance(encode(rgb), click_maps)``; the MONAI Label app calls the
+        two halves itself to reuse the encoding.
+        """
+        point_coords, point_labels = clicks_from_guidance(click_maps)
+        # A click is a pixel holding its map's maximum (1.0 in click maps): a map of random values, such as
+        # MONAI's verify_net_in_out feeds, is one click at its peak, not a million.
+        peaks = click_maps[:, 0].flatten(1).amax(dim=1)[:, None, None]
+        positives = (click_maps[:, 0] > 0) & (click_maps[:, 0] == peaks)
+        if torch.jit.is_tracing() or int(positives.flatten(1).sum(dim=1).max()) <= 1:
+            return self._decode(features, point_coords, point_labels, None).masks
+        masks = []
+        for index in range(click_maps.shape[0]):
+            rows, cols = torch.nonzero(positives[index], as_tuple=True)
+            if rows.numel() <= 1:
+                coords, labels = point_coords[index : index + 1], point_labels[index : index + 1]
+            else:
+                negative = point_coords[index, 1].expand(rows.numel(), 2)
+                coords = torch.stack((torch.stack((cols, rows), dim=-1).float(), negative), dim=1)
+                labels = torch.stack((torch.full_like(rows, POSITIVE), point_labels[index, 1].expand(rows.numel())), dim=1)
+            out = self._decode(_image_of_batch(features, index), coords, labels, None)
+            masks.append(out.masks.amax(dim=0, keepdim=True))
+        return torch.cat(masks)
 
     def _decode(
         self,
@@ -229,15 +323,16 @@ class SPPNet(nn.Module):
         return SPPNetOutput(masks[..., :height, :width], iou_predictions, low_res_masks)
 
 
-def check_image_size(image_size: int) -> None:
-    """Raise ValueError unless ``image_size`` is an encoder input SPPNet can take (stride-16 grid, 4 cells at least)."""
+def check_image_size(image_size: int) -> int:
+    """Raise SPPNetError (a ValueError) unless ``image_size`` is an encoder input SPPNet can take (stride-16 grid, 4 cells at least)."""
     stride = TinyViTImageEncoder.stride
     try:
         size = operator.index(image_size) if not isinstance(image_size, bool) else None  # ints, numpy ints
     except TypeError:
         size = None
     if size is None or size % stride or size < 4 * stride:
-        raise ValueError(f"image_size must be a multiple of {stride} and at least {4 * stride}, got {image_size!r}.")
+        raise SPPNetError(f"image_size must be a multiple of {stride} and at least {4 * stride}, got {image_size!r}.")
+    return size
 
 
 def _memory_format(module: nn.Module) -> torch.memory_format:
@@ -269,8 +364,4 @@ def _check_points(point_coords: torch.Tensor, point_labels: torch.Tensor, input_
         return
     height, width = input_size
     clicked = point_labels != NO_POINT
-    x, y = point_coords[..., 0], point_coords[..., 1]
-    outside = clicked & ((x < 0) | (x >= width) | (y < 0) | (y >= height))
-    if outside.any():
-        bad = point_coords[outside][0].tolist()
-        raise ValueError(f"click (x={bad[0]:g}, y={bad[1]:g}) lies outside the {width}x{height} (WxH) image.")
+    click_pixels(point_coords[clicked].detach().cpu().numpy(), width, height, "point", "the image")

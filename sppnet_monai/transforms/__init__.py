@@ -7,7 +7,7 @@ pairs in ``d["foreground"]`` / ``d["background"]``; the network input is (5, H, 
 """
 
 from .auto_click import AutoClickd, choose_clicks, hematoxylin_mask
-from .image import EnsureRGBd
+from .image import EnsureRGB, EnsureRGBd
 from .prompt import AddClickGuidanceChannelsd, CenterNeighborhoodPointSampled, nucleus_center
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "AutoClickd",
     "CenterNeighborhoodPointSampled",
     "choose_clicks",
+    "EnsureRGB",
     "EnsureRGBd",
     "hematoxylin_mask",
     "nucleus_center",

@@ -1,4 +1,4 @@
-"""Image-side dictionary transforms: bring any loaded image to 3-channel RGB in 0-255."""
+"""Image-side transforms: bring any loaded image to 3-channel RGB in 0-255 (the project's one RGB rule)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ from collections.abc import Hashable, Mapping
 import numpy as np
 
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
-__all__ = ["EnsureRGBd"]
+__all__ = ["EnsureRGB", "EnsureRGBd"]
 
 _MAX_8BIT = 255.0
 _MAX_16BIT = 65535.0
 
 
-class EnsureRGBd(MapTransform):
+class EnsureRGB(Transform):
     """Make each image a (3, H, W) float32 RGB array with intensities in 0-255.
+
+    Every image the project reads goes through this rule: the bundle's transforms (via
+    :class:`EnsureRGBd`) and ``prepare`` (``sppnet_monai.data.image_io.to_rgb_uint8``, which rounds
+    the result to uint8).
 
     Input: a channel-first (C, H, W) numpy array, torch tensor or MetaTensor, as given by
     ``LoadImaged(..., reader="PILReader", reverse_indexing=False, ensure_channel_first=True)``.
@@ -43,26 +47,17 @@ class EnsureRGBd(MapTransform):
       The [0, 1] rule means an 8-bit image whose brightest pixel is 0 or 1 is also scaled by 255.
 
     Raises:
-        ValueError: naming the key and the shape, for an array that is not (C, H, W) with C in 1..4,
-            or whose values are negative, not finite, or above 65535.
+        ValueError: naming the image (``name``) and the shape, for an array that is not (C, H, W) with C
+            in 1..4, or whose values are negative, not finite, or above 65535.
     """
 
-    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self._to_rgb(d[key], key)
-        return d
-
-    @staticmethod
-    def _to_rgb(img: NdarrayOrTensor, key: Hashable) -> NdarrayOrTensor:
+    def __call__(self, img: NdarrayOrTensor, name: Hashable = "image") -> NdarrayOrTensor:
+        key = name
         arr = convert_to_numpy(img)
         shape = tuple(arr.shape)
         if arr.ndim != 3 or not 1 <= shape[0] <= 4:
             raise ValueError(
-                f"EnsureRGBd: '{key}' has shape {shape}; expected a channel-first (C, H, W) image with C = 1 "
+                f"EnsureRGB: '{key}' has shape {shape}; expected a channel-first (C, H, W) image with C = 1 "
                 "(gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA)."
             )
         kept = arr[:1] if shape[0] <= 2 else arr[:3]
@@ -71,12 +66,12 @@ class EnsureRGBd(MapTransform):
             multiplier = _MAX_8BIT
         else:
             if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-                raise ValueError(f"EnsureRGBd: '{key}' with shape {shape} has unsupported dtype {arr.dtype}.")
+                raise ValueError(f"EnsureRGB: '{key}' with shape {shape} has unsupported dtype {arr.dtype}.")
             # Over all channels, alpha included: a full-scale alpha tells the scale of a dark image, as in prepare.
             lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
             if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > _MAX_16BIT:
                 raise ValueError(
-                    f"EnsureRGBd: '{key}' with shape {shape} has values in [{lo:g}, {hi:g}]; expected finite "
+                    f"EnsureRGB: '{key}' with shape {shape} has values in [{lo:g}, {hi:g}]; expected finite "
                     "intensities in [0, 1], [0, 255] or [0, 65535] (apply EnsureRGBd before any normalisation)."
                 )
             if kept.dtype == np.uint16 or hi > _MAX_8BIT:
@@ -95,3 +90,17 @@ class EnsureRGBd(MapTransform):
             rgb = np.repeat(rgb, 3, axis=0)
         out, *_ = convert_to_dst_type(np.ascontiguousarray(rgb), img, dtype=np.float32)
         return out
+
+
+class EnsureRGBd(MapTransform):
+    """Dictionary wrapper of :class:`EnsureRGB`: each of ``keys`` becomes a (3, H, W) float32 RGB image in 0-255."""
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = EnsureRGB()
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key], key)
+        return d

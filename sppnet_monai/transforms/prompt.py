@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from sppnet_monai.clicks import click_pixels
+from sppnet_monai.data.instances import binary_to_instances, is_binary_mask
+
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import MapTransform, Randomizable
 from monai.transforms.utils_pytorch_numpy_unification import concatenate
@@ -57,17 +60,12 @@ def _instance_map(label: NdarrayOrTensor, key: Hashable) -> np.ndarray:
             f"CenterNeighborhoodPointSampled: '{key}' has shape {tuple(np.shape(label))}; expected a (1, H, W) "
             "or (H, W) label map."
         )
-    if lab.dtype == np.bool_:
-        binary = True
-    else:
+    if lab.dtype != np.bool_:
         if lab.size and float(lab.min()) < 0:
             raise ValueError(f"CenterNeighborhoodPointSampled: '{key}' has negative values; expected ids >= 0.")
         lab = np.rint(lab).astype(np.int64) if np.issubdtype(lab.dtype, np.floating) else lab.astype(np.int64)
-        ids = np.unique(lab)
-        ids = ids[ids > 0]
-        binary = ids.size == 1 and int(ids[0]) in (1, 255)
-    if binary:  # a binary mask: its 4-connected components are the instances
-        return ndimage.label(lab > 0)[0].astype(np.int64)
+    if is_binary_mask(lab):  # a binary mask: its 4-connected components are the instances
+        return binary_to_instances(lab)
     return lab
 
 
@@ -200,18 +198,20 @@ class ClickKeysTransform(MapTransform):
 class AddClickGuidanceChannelsd(ClickKeysTransform):
     """Append a positive and a negative click map to each image: (C, H, W) -> (C + 2, H, W).
 
-    A click map is 0 everywhere and 1.0 at each click pixel ``[row=y, col=x]``; an empty or missing click
-    list gives an all-zero map, which SPPNet reads as "no click" (SAM's padding point, label -1). SPPNet
-    reads one click per map (the argmax), so only one positive and one negative click are meaningful.
+    A click map is 0 everywhere and 1.0 at each click's pixel (:func:`sppnet_monai.clicks.click_pixels`:
+    ``[row=round(y), col=round(x)]``); an empty or missing click list gives an all-zero map, which SPPNet
+    reads as "no click" (SAM's padding point, label -1). Several positive clicks are several prompts
+    whose masks are united; of several negative clicks the first in scan order is used (the rule of
+    :mod:`sppnet_monai.clicks`, applied by ``SPPNet.decode_guidance``).
 
     Clicks are read from ``d[foreground_key]`` and ``d[background_key]`` as lists of (x, y) = (column, row)
     pairs: those written by :class:`CenterNeighborhoodPointSampled` or those of a MONAI Label request.
-    Float coordinates are rounded to the nearest pixel. The output keeps the image's type (numpy, torch or
-    MetaTensor, with its metadata), dtype and device. Apply after intensity normalisation.
+    The output keeps the image's type (numpy, torch or MetaTensor, with its metadata), dtype and device.
+    Apply after intensity normalisation.
 
     Raises:
-        ValueError: (one line) for a click outside the image, naming the click and the image size, or for
-            a click list that is not a list of (x, y) pairs.
+        SPPNetError: (a ValueError, one line) for a click outside the image, naming the click and the image
+            size, or for a click list that is not a list of (x, y) pairs.
     """
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -225,28 +225,10 @@ class AddClickGuidanceChannelsd(ClickKeysTransform):
             height, width = int(img.shape[-2]), int(img.shape[-1])
             maps = np.zeros((2, height, width), dtype=np.float32)
             for channel, click_key in enumerate((self.foreground_key, self.background_key)):
-                for x, y in self._pixels(d.get(click_key), click_key, key, height, width):
-                    maps[channel, y, x] = 1.0
+                clicks = d.get(click_key)
+                clicks = None if clicks is None else convert_to_numpy(clicks)
+                pixels = click_pixels(clicks, width, height, click_key, f"image '{key}'")
+                maps[channel, pixels[:, 1], pixels[:, 0]] = 1.0
             maps_t, *_ = convert_to_dst_type(maps, img, dtype=img.dtype)
             d[key] = concatenate([img, maps_t], axis=0)
         return d
-
-    @staticmethod
-    def _pixels(clicks: Any, click_key: str, key: Hashable, height: int, width: int) -> list[tuple[int, int]]:
-        if clicks is None or len(clicks) == 0:
-            return []
-        try:
-            xy = np.asarray(convert_to_numpy(clicks), dtype=np.float64)
-        except (TypeError, ValueError):
-            xy = None
-        if xy is None or xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
-            raise ValueError(f"'{click_key}' must be a list of [x, y] pairs, got {clicks!r}.")
-        pixels = []
-        for (x, y), (px, py) in zip(xy.tolist(), np.rint(xy).astype(np.int64).tolist()):
-            if not (0 <= px < width and 0 <= py < height):
-                raise ValueError(
-                    f"{click_key} click [x={x:g}, y={y:g}] is outside image '{key}' of width {width} and height "
-                    f"{height} (x must be in 0..{width - 1}, y in 0..{height - 1})."
-                )
-            pixels.append((px, py))
-        return pixels

@@ -11,18 +11,18 @@ from pathlib import Path
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
+from sppnet_monai.clicks import click_pixels
 from sppnet_monai.data.datalist import DATALIST_NAME
 from sppnet_monai.utils import SPPNetError
-from sppnet_monai.workflows.errors import exit_on_user_error
 
 logger = logging.getLogger(__name__)
 
 
-@exit_on_user_error
-def resolve_dataset(dataset_dir: str | None, demo_dir: str, demo_num_images: int, demo_image_size: int, seed: int = 0) -> str:
-    """Folder holding ``datalist.json``: ``dataset_dir`` when given, else the embedded synthetic demo.
+def dataset_folder(dataset_dir: str | None, demo_dir: str) -> str:
+    """Folder holding ``datalist.json``: ``dataset_dir`` when given, else the synthetic demo in ``demo_dir``.
 
-    The demo is generated into ``demo_dir`` on first use (a few seconds) and reused afterwards.
+    Only checks: nothing is written. The bundle's ``initialize`` generates the demo beforehand
+    (:func:`ensure_demo_dataset`), so a config id that resolves to this function has no side effect.
     """
     if dataset_dir:
         if not (Path(dataset_dir) / DATALIST_NAME).is_file():
@@ -31,14 +31,32 @@ def resolve_dataset(dataset_dir: str | None, demo_dir: str, demo_num_images: int
             )
         return str(dataset_dir)
     if not (Path(demo_dir) / DATALIST_NAME).is_file():
-        from sppnet_monai.data.prepare import prepare_demo
-
-        logger.info("no dataset_dir given: generating the synthetic demo dataset in %s", demo_dir)
-        prepare_demo(demo_dir, num_images=demo_num_images, image_size=demo_image_size, seed=seed)
+        raise SPPNetError(
+            f"no dataset_dir given and no {DATALIST_NAME} in demo_dir {demo_dir}: run the bundle's initialize "
+            "(it generates the demo) or `python -m sppnet_monai prepare demo`, or give --dataset_dir."
+        )
     return str(demo_dir)
 
 
-@exit_on_user_error
+def ensure_demo_dataset(
+    dataset_dir: str | None, demo_dir: str, demo_num_images: int, demo_image_size: int, seed: int = 0
+) -> bool:
+    """Generate the synthetic demo into ``demo_dir`` when no ``dataset_dir`` is given and it is not there yet.
+
+    Returns whether it generated anything. A step of the bundle's ``initialize`` (a few seconds, once;
+    later runs reuse the demo). Not safe to run from several processes at once on the same ``demo_dir``:
+    ``multi_gpu_train.json`` calls it on rank 0 only, after the process group exists, and the other
+    ranks wait at a barrier before anything reads the dataset.
+    """
+    if dataset_dir or (Path(demo_dir) / DATALIST_NAME).is_file():
+        return False
+    from sppnet_monai.data.prepare import prepare_demo
+
+    logger.info("no dataset_dir given: generating the synthetic demo dataset in %s", demo_dir)
+    prepare_demo(demo_dir, num_images=demo_num_images, image_size=demo_image_size, seed=seed)
+    return True
+
+
 def datalist_split(dataset_dir: str, split: str) -> list[dict]:
     """Entries of one split (``training``, ``validation``, ``test``) with absolute paths, every file checked."""
     datalist_file = os.path.join(dataset_dir, DATALIST_NAME)
@@ -95,7 +113,6 @@ def read_clicks_file(path: str | os.PathLike) -> dict[str, dict[str, list[list[f
     return clicks
 
 
-@exit_on_user_error
 def image_datalist(input_dir: str, pattern: str = "*.png", clicks_file: str | None = None) -> list[dict]:
     """Inference entries ``{"image", "foreground", "background"}`` for the images matching ``pattern``.
 
@@ -127,11 +144,5 @@ def image_entry(image: str, clicks: dict) -> dict:
     if given:
         width, height = image_file_size(image)
         for kind in ("foreground", "background"):
-            for click in given.get(kind, []):
-                try:
-                    x, y = (float(value) for value in click)
-                except (TypeError, ValueError) as err:
-                    raise SPPNetError(f"{kind} click {click!r} for {image} is not an [x, y] pair.") from err
-                if not (-0.5 <= x < width - 0.5 and -0.5 <= y < height - 0.5):
-                    raise SPPNetError(f"{kind} click {click} is outside {image} ({width}x{height}, clicks are [x, y]).")
+            click_pixels(given.get(kind, []), width, height, kind, str(image))
     return {"image": image, "foreground": given.get("foreground", []), "background": given.get("background", [])}

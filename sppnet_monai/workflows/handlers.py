@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 from ignite.engine import Engine, Events
@@ -16,7 +16,6 @@ from torch.utils.tensorboard import SummaryWriter
 
 from sppnet_monai.utils import SPPNetError
 from sppnet_monai.visualize import prompt_overlay
-from sppnet_monai.workflows.errors import exit_on_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +101,6 @@ class ResumableTrainingState:
         self.map_location = map_location
         self.save = save
 
-    @exit_on_user_error
     def check_recipe(self, path: Path) -> None:
         """Raise :class:`SPPNetError` when ``path`` was trained with settings other than this run's."""
         try:
@@ -175,14 +173,10 @@ class PromptOverlayTensorBoardHandler:
     def __init__(
         self,
         summary_writer: SummaryWriter,
-        pixel_mean: Sequence[float],
-        pixel_std: Sequence[float],
         max_images: int = 2,
         tag: str = "val_prompt_overlay",
     ) -> None:
         self.writer = summary_writer
-        self.pixel_mean = pixel_mean
-        self.pixel_std = pixel_std
         self.max_images = max_images
         self.tag = tag
 
@@ -198,7 +192,5 @@ class PromptOverlayTensorBoardHandler:
                 convert_to_numpy(sample["image"]),
                 convert_to_numpy(sample["pred"]),
                 convert_to_numpy(sample["label"]),
-                self.pixel_mean,
-                self.pixel_std,
             )
             self.writer.add_image(f"{self.tag}/{index}", picture, step, dataformats="HWC")

@@ -10,10 +10,8 @@ import sys
 import torch
 from torch import nn
 
-from sppnet_monai.networks.checkpoints import load_checkpoint
-from sppnet_monai.networks.sppnet import check_image_size as check_network_image_size
+from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe
 from sppnet_monai.utils import SPPNetError
-from sppnet_monai.workflows.errors import exit_on_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +49,6 @@ def reuse_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, largest_int // 2))
 
 
-@exit_on_user_error
-def check_image_size(image_size: int) -> int:
-    """Stop with one line, before anything is built, when ``image_size`` is not an SPPNet input size."""
-    try:
-        check_network_image_size(image_size)
-    except ValueError as err:
-        raise SPPNetError(str(err)) from None
-    return image_size
-
-
-@exit_on_user_error
 def load_pretrained(net: nn.Module, mobilesam_checkpoint: str | None = None, sam_checkpoint: str | None = None) -> nn.Module:
     """Start ``net`` from public weights where the user has them, as the paper does.
 
@@ -76,9 +63,30 @@ def load_pretrained(net: nn.Module, mobilesam_checkpoint: str | None = None, sam
     return net
 
 
-@exit_on_user_error
+_REQUIRED = object()
+
+
+def trained_setting(checkpoint: str, key: str, default: object = _REQUIRED) -> object:
+    """``key`` of the recipe ``checkpoint`` was trained with: configs build the network from it.
+
+    ``inference.json`` sets ``image_size`` and ``fusion`` this way, so a model trained at 256 runs at
+    256 without being told; an explicit override replaces the expression and :func:`load_trained`
+    then refuses a contradiction. Without a recorded recipe (checkpoints saved before sppnet_monai
+    0.2) ``default`` is used, or, for settings with none, an error asks for the value.
+    """
+    recipe = read_recipe(checkpoint)
+    if key in recipe:
+        return recipe[key]
+    if default is _REQUIRED:
+        raise SPPNetError(f"checkpoint {checkpoint} does not record its {key} (saved before sppnet_monai 0.2): give it, e.g. --{key} 256")
+    return default
+
+
 def load_trained(net: nn.Module, checkpoint: str) -> nn.Module:
-    """Load this project's trained weights (e.g. the bundle's ``models/model.pt``) into ``net``, strictly."""
+    """Load this project's trained weights (e.g. the bundle's ``models/model.pt``) into ``net``, strictly.
+
+    Raises SPPNetError when the checkpoint's recorded recipe contradicts how ``net`` was built.
+    """
     load_checkpoint(net, checkpoint, kind="sppnet")
     logger.info("loaded SPPNet weights from %s", checkpoint)
     return net

@@ -1,0 +1,57 @@
+"""Clicks: the one rule for where a click is, and what several clicks mean.
+
+A click is ``(x, y) = (column, row)`` in pixels of the image it is given for, as in SAM. Pixel
+centres sit at integer coordinates (SAM's prompt encoder adds 0.5 to reach them), so a click is
+on pixel ``(floor(x + 0.5), floor(y + 0.5))`` and lies inside a ``W x H`` image exactly when
+``-0.5 <= x < W - 0.5`` and ``-0.5 <= y < H - 0.5``. Every path (the network, the click-channel
+transform, clicks files, the MONAI Label app) checks clicks with :func:`click_pixels`.
+
+Several clicks: every foreground click is a prompt of its own, paired with one background click,
+and the result is the union of the prompts' masks (pixel-wise maximum of their logits). The
+background click used is the first in scan order (top row first, then left-most): the order in
+which the network reads it from its click map. See ``SPPNet.forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sppnet_monai.utils import SPPNetError
+
+__all__ = ["click_pixels", "first_in_scan_order"]
+
+
+def click_pixels(clicks: Any, width: int, height: int, name: str = "click", where: str = "the image") -> np.ndarray:
+    """The pixels ``(N, 2)`` int64 ``(col, row)`` of ``clicks`` (``[[x, y], ...]``) in a ``width x height`` image.
+
+    Raises:
+        SPPNetError: (one line) for clicks that are not ``[x, y]`` pairs of finite numbers, or that lie
+            outside the image, naming the click, ``where`` and the size.
+    """
+    if clicks is None or len(clicks) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    try:
+        xy = np.asarray(clicks, dtype=np.float64)
+    except (TypeError, ValueError):
+        xy = None
+    if xy is None or xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise SPPNetError(f"{name} clicks must be a list of [x, y] pairs of numbers, got {clicks!r}.")
+    pixels = np.floor(xy + 0.5)
+    outside = (pixels[:, 0] < 0) | (pixels[:, 0] >= width) | (pixels[:, 1] < 0) | (pixels[:, 1] >= height)
+    if outside.any():
+        x, y = xy[int(np.argmax(outside))]
+        raise SPPNetError(
+            f"{name} click [{x:g}, {y:g}] is outside {where} ({width}x{height}, clicks are [x, y] with "
+            f"-0.5 <= x < {width - 0.5:g} and -0.5 <= y < {height - 0.5:g})."
+        )
+    return pixels.astype(np.int64)
+
+
+def first_in_scan_order(pixels: np.ndarray) -> np.ndarray:
+    """The first of ``pixels`` ``(N, 2)`` ``(col, row)`` in scan order (lowest row, then column): ``(1, 2)``."""
+    if len(pixels) == 0:
+        return pixels[:0]
+    order = np.lexsort((pixels[:, 0], pixels[:, 1]))
+    return pixels[order[:1]]
