@@ -96,8 +96,12 @@ class Predictor:
         return self.prompt(self.load_image(entry))
 
     def prompt(self, loaded: dict) -> torch.Tensor:
-        """The network input ``(5, H, W)`` of ``{"image": (3, H, W) RGB 0-255, "foreground", "background"}``."""
-        return self.prompt_preprocessing(loaded)["image"]
+        """The network input ``(5, H, W)`` of ``{"image": (3, H, W) RGB 0-255, "foreground", "background"}``.
+
+        ``loaded["image"]`` is left as it is (``NormalizeIntensityd`` works in place), so a loaded image
+        can be prompted again, as the MONAI Label app does with its cached windows.
+        """
+        return self.prompt_preprocessing({**loaded, "image": loaded["image"].clone()})["image"]
 
     @torch.no_grad()
     def logits(self, image: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,9 @@ def test_click_is_answered_from_its_window_then_from_the_cache(bundle, image):
     again = segmenter.segment(image, [[150, 90]])
     assert again[2]["windows"][0]["embedding_cached"] and again[2]["encoder_runs"] == 1
     np.testing.assert_array_equal(again[0], mask)  # the cached automatic background gives the same answer
+    (entry,) = segmenter._cache.values()
+    loaded = segmenter._model().load_image({"image": str(image)})["image"]
+    torch.testing.assert_close(entry["rgb"], loaded[:, 32:, 96:], rtol=0, atol=0)  # clicks leave the cached pixels alone
     both = segmenter.segment(image, [[150, 90], [10, 10]])
     assert [w["embedding_cached"] for w in both[2]["windows"]] == [True, False] and both[2]["encoder_runs"] == 2
 
