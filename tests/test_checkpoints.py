@@ -164,7 +164,10 @@ def test_shape_mismatch_and_llsie_mode_mismatch(tmp_path):
     concat = SPPNet(image_size=64, fusion="concat")
     path = tmp_path / "concat.pt"
     torch.save(concat.state_dict(), path)
-    # An "add" network has no fusion_proj: the concat checkpoint's extra keys are named.
+    # The recorded recipe names the contradiction before any key is compared.
+    _assert_unchanged_after_error(SPPNet(image_size=64, fusion="add"), path, r"trained with fusion 'concat' \(this network: 'add'\)")
+    # Without a recipe (a checkpoint saved before 0.2), an "add" network has no fusion_proj: the extra keys are named.
+    torch.save({k: v for k, v in concat.state_dict().items() if k != "_extra_state"}, path)
     _assert_unchanged_after_error(SPPNet(image_size=64, fusion="add"), path, r"unexpected keys \(2\): mask_decoder\.fusion_proj")
     state = concat.state_dict()
     state["mask_decoder.fusion_proj.weight"] = torch.zeros(32, 16, 1, 1)
