@@ -34,7 +34,7 @@ def click_pixels(clicks: Any, width: int, height: int, name: str = "click", wher
         return np.zeros((0, 2), dtype=np.int64)
     try:
         xy = np.asarray(clicks, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         xy = None
     if xy is None or xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
         raise SPPNetError(f"{name} clicks must be a list of [x, y] pairs of numbers, got {clicks!r}.")

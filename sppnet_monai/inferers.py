@@ -7,7 +7,9 @@ from typing import Any, Callable
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from sppnet_monai.networks.sppnet import denormalize_rgb
+from monai.utils import ensure_tuple_rep
+
+from sppnet_monai.networks.sppnet import SPPNet, denormalize_rgb
 from sppnet_monai.transforms import choose_clicks
 
 __all__ = ["PromptedSlidingWindowInferer"]
@@ -20,8 +22,8 @@ class PromptedSlidingWindowInferer(SlidingWindowInferer):
     click map is empty gets a click chosen from its own pixels by
     :func:`~sppnet_monai.transforms.choose_clicks`, so SPPNet always sees a prompt like those it
     was trained with; a window without nucleus-like pixels gets no positive click (SAM's padding
-    point). An image that fits one window goes to the network as it is (the network pads it), so
-    its logits are exactly the network's, with no blending.
+    point). An image that fits one window goes to an SPPNet as it is (SPPNet pads it), so its logits
+    are exactly the network's, with no blending; other networks (the U-Net baseline) get MONAI's padding.
 
     Args:
         kwargs: :class:`SlidingWindowInferer` arguments (``roi_size``, ``overlap``, ``mode``, ...).
@@ -29,8 +31,9 @@ class PromptedSlidingWindowInferer(SlidingWindowInferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any):
         prompted = lambda windows, *a, **k: network(self.prompt_windows(windows), *a, **k)  # noqa: E731
-        if all(size <= roi for size, roi in zip(inputs.shape[2:], self.roi_size)):
-            return prompted(inputs, *args, **kwargs)
+        roi_size = ensure_tuple_rep(self.roi_size, inputs.ndim - 2)
+        if isinstance(network, SPPNet) and all(size <= roi for size, roi in zip(inputs.shape[2:], roi_size)):
+            return prompted(inputs, *args, **kwargs)  # SPPNet pads a small image itself, as in training
         return super().__call__(inputs, prompted, *args, **kwargs)
 
     @staticmethod

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from sppnet_monai.data.image_io import write_png
 from sppnet_monai.postprocess import instances_from_semantic
-from sppnet_monai.utils import SPPNetError, atomic_path, user_error
+from sppnet_monai.utils import SPPNetError, atomic_path, root_message, user_error
 from sppnet_monai.workflows.datasets import image_entry, read_clicks_file
 from sppnet_monai.workflows.setup import reuse_freed_memory
 
@@ -79,6 +79,7 @@ class Predictor:
             self.prompt_preprocessing = parser.get_parsed_content("prompt_preprocessing")
             self.inferer = parser.get_parsed_content("inferer")
             self.threshold = float(parser.get_parsed_content("threshold"))
+            self.amp = bool(parser.get_parsed_content("amp"))
         except Exception as err:  # MONAI's parser wraps the user's error (a bad checkpoint, size...) in its own
             cause = user_error(err)
             if cause is None:
@@ -103,10 +104,15 @@ class Predictor:
         """
         return self.prompt_preprocessing({**loaded, "image": loaded["image"].clone()})["image"]
 
+    def autocast(self) -> torch.autocast:
+        """The precision bundle inference runs the network in: CUDA autocast when the config's ``amp`` is on."""
+        return torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda")
+
     @torch.no_grad()
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Mask logits ``(1, H, W)`` of a prepared ``(5, H, W)`` image (tiled if larger than the network input)."""
-        return self.inferer(image[None].to(self.device), self.network)[0]
+        with self.autocast():
+            return self.inferer(image[None].to(self.device), self.network)[0]
 
     def mask(self, logits: torch.Tensor) -> np.ndarray:
         """Nuclei mask ``(H, W)`` bool from logits ``(1, H, W)``: the bundle's sigmoid + threshold rule."""
@@ -172,7 +178,7 @@ def run_predict(
         try:
             mask, instances = predictor.predict(image_entry(image, click_map))
         except Exception as err:  # one bad image must not stop the others
-            message = _root_message(err)
+            message = root_message(err)
             logger.warning("%s: skipped: %s", image, message)
             summary["failed"][image] = message
             continue
@@ -181,10 +187,3 @@ def run_predict(
     if not summary["images"]:
         raise SPPNetError(f"no image could be processed ({len(summary['failed'])} failed; first: {next(iter(summary['failed'].values()), '')}).")
     return summary
-
-
-def _root_message(err: BaseException) -> str:
-    """The innermost cause's message: MONAI wraps transform errors in long 'applying transform' chains."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

@@ -34,6 +34,14 @@ def user_error(err: BaseException) -> Optional[SPPNetError]:
     return None
 
 
+def root_message(err: BaseException) -> str:
+    """The innermost cause's message, one line: MONAI wraps transform errors in long 'applying transform' chains."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.

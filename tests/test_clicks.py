@@ -33,7 +33,7 @@ def test_click_outside_is_one_line_error(click):
 
 
 def test_malformed_clicks():
-    for bad in ([1, 2], [[1, 2, 3]], [[np.nan, 1]], "x"):
+    for bad in ([1, 2], [[1, 2, 3]], [[np.nan, 1]], "x", [[10**400, 1]]):
         with pytest.raises(SPPNetError, match=r"\[x, y\] pairs"):
             click_pixels(bad, WIDTH, HEIGHT)
 

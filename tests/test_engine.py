@@ -129,6 +129,14 @@ def test_bad_clicks_are_user_errors(bundle, image, foreground, background, messa
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_unreadable_image_is_a_user_error(bundle, tmp_path):
+    broken = tmp_path / "broken.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(broken)
+    broken.write_bytes(broken.read_bytes()[:40])  # a header Pillow accepts, no pixel data
+    with pytest.raises(SPPNetError, match="cannot read image broken.png"):
+        ClickSegmenter(bundle).segment(broken, [[1, 1]])
+
+
 def test_missing_image_and_missing_model(bundle, image, tmp_path):
     with pytest.raises(ImageNotFoundError):
         ClickSegmenter(bundle).segment(tmp_path / "nope.png", [[1, 1]])

@@ -169,6 +169,9 @@ def test_old_plain_state_dict_still_loads(tmp_path):
     net = SPPNet(image_size=128)
     assert load_checkpoint(net, tmp_path / "old.pt") == "sppnet"
     torch.testing.assert_close(net.mask_decoder.iou_token.weight, old["mask_decoder.iou_token.weight"])
+    strict = SPPNet(image_size=64)
+    strict.load_state_dict(old)  # strict, as MONAI's CheckpointLoader resumes a run begun before 0.2
+    assert strict.loaded_recipe == {}
 
 
 def test_torchscript_trace_matches_eager(net):

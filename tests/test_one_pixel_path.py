@@ -103,3 +103,16 @@ def test_library_functions_raise_instead_of_exiting(tmp_path):
     ):
         with pytest.raises(SPPNetError):  # not SystemExit
             call()
+
+
+def test_palette_and_cmyk_images_read_the_same_on_every_path(bundle, tmp_path):
+    """The bundle's reader converts colour modes by the rule prepare uses (data.image_io.plain_intensities)."""
+    from sppnet_monai.data.image_io import read_rgb
+
+    colours = np.array([[200, 0, 50], [20, 120, 240]], np.uint8)[np.arange(64 * 64).reshape(64, 64) % 2]
+    Image.fromarray(colours).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(colours).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    predictor = Predictor(str(bundle / "models" / "model.pt"))
+    for name in ("palette.png", "cmyk.jpg"):
+        loaded = predictor.load_image({"image": str(tmp_path / name)})["image"]
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(loaded), 0, -1), read_rgb(tmp_path / name), err_msg=name)

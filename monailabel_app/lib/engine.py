@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sppnet_monai.clicks import click_pixels, first_in_scan_order
-from sppnet_monai.utils import SPPNetError
+from sppnet_monai.utils import SPPNetError, root_message
 
 logger = logging.getLogger(__name__)
 
@@ -161,14 +161,19 @@ class ClickSegmenter:
 
     @property
     def image_size(self) -> int:
-        return self._model().image_size
+        with self._lock:
+            return self._model().image_size
 
     # -- image and embedding cache -------------------------------------------------------------
     def _loaded(self, path: Path, stamp: tuple, predictor) -> dict:
         """``{"image": (3, H, W) RGB 0-255}`` by the bundle's ``load_image``; the last image is kept."""
         key = (str(path), *stamp)
         if self._image is None or self._image[0] != key:
-            self._image = (key, predictor.load_image({"image": str(path)}))
+            try:
+                loaded = predictor.load_image({"image": str(path)})
+            except Exception as err:  # MONAI wraps the reader's error: answer it as the user's, not as a 500
+                raise SPPNetError(f"cannot read image {path.name}: {root_message(err)}") from err
+            self._image = (key, loaded)
         return self._image[1]
 
     def _window_entry(self, path: Path, stamp: tuple, window: tuple, predictor) -> tuple[dict, bool]:
@@ -178,7 +183,7 @@ class ClickSegmenter:
             self._cache.move_to_end(key)
             return entry, True
         x0, y0, w, h = window
-        rgb = self._loaded(path, stamp, predictor)["image"][:, y0 : y0 + h, x0 : x0 + w]
+        rgb = self._loaded(path, stamp, predictor)["image"][:, y0 : y0 + h, x0 : x0 + w].clone()  # not a view of the image
         entry = {"rgb": rgb, "features": None, "auto_background": None}
         if self.cache_size:
             self._cache[key] = entry
@@ -200,10 +205,11 @@ class ClickSegmenter:
             background = entry["auto_background"]
         image = predictor.prompt({"image": entry["rgb"], "foreground": foreground, "background": background})
         network = predictor.network
-        if entry["features"] is None:
-            entry["features"] = network.encode(image[None, :3].to(predictor.device))
-            self.encoder_runs += 1
-        logits = network.decode_guidance(entry["features"], image[None, 3:5].to(predictor.device))[0]
+        with predictor.autocast():
+            if entry["features"] is None:
+                entry["features"] = network.encode(image[None, :3].to(predictor.device))
+                self.encoder_runs += 1
+            logits = network.decode_guidance(entry["features"], image[None, 3:5].to(predictor.device))[0]
         used = first_in_scan_order(np.argwhere(image[4].cpu().numpy() > 0)[:, ::-1]).tolist()
         if auto and used:
             entry["auto_background"] = used

@@ -16,11 +16,19 @@ from PIL import Image
 
 from sppnet_monai.utils import SPPNetError, atomic_path
 
-__all__ = ["read_mask", "read_rgb", "to_rgb_uint8", "write_json", "write_png"]
+__all__ = ["plain_intensities", "read_mask", "read_rgb", "to_rgb_uint8", "write_json", "write_png"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # PIL modes that are not plain intensities: convert them before taking the pixel values.
 _PIL_COLOUR_MODES = {"P": "RGBA", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+
+
+def plain_intensities(img: Image.Image, colour_modes: dict[str, str] = _PIL_COLOUR_MODES) -> Image.Image:
+    """``img`` in a mode whose pixel values are intensities (palette, CMYK, YCbCr... converted to RGB(A)).
+
+    The bundle's ``PILReader(converter=...)`` and :func:`read_rgb` both read images through it.
+    """
+    return img.convert(colour_modes[img.mode]) if img.mode in colour_modes else img
 
 
 def _decode(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
@@ -32,9 +40,7 @@ def _decode(path: Path, colour_modes: dict[str, str]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in colour_modes:
-                img = img.convert(colour_modes[img.mode])
-            return np.asarray(img)
+            return np.asarray(plain_intensities(img, colour_modes))
     except Exception as pil_err:  # Pillow raises many types for broken files
         if path.suffix.lower() not in TIFF_SUFFIXES:
             raise SPPNetError(f"{path}: cannot read image ({pil_err})") from pil_err

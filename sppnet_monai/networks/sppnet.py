@@ -223,6 +223,12 @@ class SPPNet(nn.Module):
         # load_checkpoint compares recipes before loading, with a message naming the file.
         self.loaded_recipe = dict(state.get("recipe", {})) if isinstance(state, dict) else {}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A state dict saved before the recipe existed (sppnet_monai < 0.2) has no "_extra_state": it still
+        # loads strictly (MONAI's CheckpointLoader, a plain load_state_dict), with an empty recipe.
+        state_dict.setdefault(prefix + "_extra_state", {})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def encode(self, image: torch.Tensor) -> ImageFeatures:
         """Image embedding and LLSIE features of ``image`` ``(B, 3, H, W)``, SAM-normalised, H, W <= S.
 

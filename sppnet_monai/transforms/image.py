@@ -10,6 +10,8 @@ from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
+from sppnet_monai.utils import SPPNetError
+
 __all__ = ["EnsureRGB", "EnsureRGBd"]
 
 _MAX_8BIT = 255.0
@@ -47,7 +49,7 @@ class EnsureRGB(Transform):
       The [0, 1] rule means an 8-bit image whose brightest pixel is 0 or 1 is also scaled by 255.
 
     Raises:
-        ValueError: naming the image (``name``) and the shape, for an array that is not (C, H, W) with C
+        SPPNetError: (a ValueError) naming the image (``name``) and the shape, for an array that is not (C, H, W) with C
             in 1..4, or whose values are negative, not finite, or above 65535.
     """
 
@@ -56,7 +58,7 @@ class EnsureRGB(Transform):
         arr = convert_to_numpy(img)
         shape = tuple(arr.shape)
         if arr.ndim != 3 or not 1 <= shape[0] <= 4:
-            raise ValueError(
+            raise SPPNetError(
                 f"EnsureRGB: '{key}' has shape {shape}; expected a channel-first (C, H, W) image with C = 1 "
                 "(gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA)."
             )
@@ -66,11 +68,11 @@ class EnsureRGB(Transform):
             multiplier = _MAX_8BIT
         else:
             if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-                raise ValueError(f"EnsureRGB: '{key}' with shape {shape} has unsupported dtype {arr.dtype}.")
+                raise SPPNetError(f"EnsureRGB: '{key}' with shape {shape} has unsupported dtype {arr.dtype}.")
             # Over all channels, alpha included: a full-scale alpha tells the scale of a dark image, as in prepare.
             lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
             if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > _MAX_16BIT:
-                raise ValueError(
+                raise SPPNetError(
                     f"EnsureRGB: '{key}' with shape {shape} has values in [{lo:g}, {hi:g}]; expected finite "
                     "intensities in [0, 1], [0, 255] or [0, 65535] (apply EnsureRGBd before any normalisation)."
                 )

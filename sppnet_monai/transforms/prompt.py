@@ -198,8 +198,8 @@ class ClickKeysTransform(MapTransform):
 class AddClickGuidanceChannelsd(ClickKeysTransform):
     """Append a positive and a negative click map to each image: (C, H, W) -> (C + 2, H, W).
 
-    A click map is 0 everywhere and 1.0 at each click's pixel (:func:`sppnet_monai.clicks.click_pixels`:
-    ``[row=round(y), col=round(x)]``); an empty or missing click list gives an all-zero map, which SPPNet
+    A click map is 0 everywhere and 1.0 at each click's pixel, the nearest pixel centre
+    (:func:`sppnet_monai.clicks.click_pixels`); an empty or missing click list gives an all-zero map, which SPPNet
     reads as "no click" (SAM's padding point, label -1). Several positive clicks are several prompts
     whose masks are united; of several negative clicks the first in scan order is used (the rule of
     :mod:`sppnet_monai.clicks`, applied by ``SPPNet.decode_guidance``).
