@@ -55,8 +55,9 @@ class Predictor:
     clicks give the same mask on every path.
 
     Args:
-        checkpoint: trained weights; None uses the config's own ``checkpoint``. The network is built
-            from the recipe the checkpoint records (``image_size``, ``fusion``).
+        checkpoint: trained weights; None uses the config's own ``checkpoint`` (``models/model.pt`` of
+            the config's bundle folder). The network is built from the recipe the checkpoint records
+            (``image_size``, ``fusion``).
         config: the bundle inference config; its ids (``image_size``, ``sw_overlap``, ``threshold``,
             ``instance_postprocess``, ...) may be overridden.
 
@@ -69,7 +70,9 @@ class Predictor:
         reuse_freed_memory()
         parser = ConfigParser()
         parser.read_config(str(config))
-        parser.update({**({"checkpoint": str(checkpoint)} if checkpoint else {}), **overrides})
+        # The config's relative paths (its default checkpoint, models/model.pt) belong to its bundle folder.
+        bundle_root = str(Path(config).resolve().parents[1])
+        parser.update({"bundle_root": bundle_root, **({"checkpoint": str(checkpoint)} if checkpoint else {}), **overrides})
         self.parser = parser
         try:
             self.checkpoint = parser.get_parsed_content("checkpoint")

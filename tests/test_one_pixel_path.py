@@ -71,8 +71,11 @@ def test_same_image_and_clicks_give_the_same_mask_on_every_path(bundle, image, t
         np.testing.assert_array_equal(mask, reference, err_msg=path)
 
 
-def test_model_runs_at_the_size_it_was_trained_at_without_being_told(bundle):
+def test_model_runs_at_the_size_it_was_trained_at_without_being_told(bundle, monkeypatch, tmp_path):
     assert Predictor(str(bundle / "models" / "model.pt")).image_size == 64
+    monkeypatch.chdir(tmp_path)  # the default checkpoint is the config's bundle's models/model.pt, wherever one runs
+    default = Predictor(config=bundle / "configs" / "inference.json")
+    assert Path(default.checkpoint) == bundle / "models" / "model.pt" and default.image_size == 64
     assert ClickSegmenter(bundle).image_size == 64
 
 
