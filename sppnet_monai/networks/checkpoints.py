@@ -79,6 +79,11 @@ def read_recipe(path: str | os.PathLike) -> Dict[str, object]:
     detected = detect_checkpoint_kind(source)
     if detected != "sppnet":
         raise SPPNetError(f"checkpoint {path} is not an SPPNet checkpoint (its keys look like {detected}: {', '.join(list(source)[:3])}).")
+    return _saved_recipe(source)
+
+
+def _saved_recipe(source: Mapping[str, object]) -> Dict[str, object]:
+    """The recipe inside a state dict's ``_extra_state`` (``SPPNet.get_extra_state``), ``{}`` when it has none."""
     extra = source.get(EXTRA_STATE_KEY)
     recipe = extra.get("recipe") if isinstance(extra, Mapping) else None
     return dict(recipe) if isinstance(recipe, Mapping) else {}
@@ -88,8 +93,7 @@ def _check_recipe(net: nn.Module, path: str | os.PathLike, source: Mapping[str, 
     """Refuse a checkpoint whose recipe contradicts how ``net`` was built (a 256 model run at 1024, say)."""
     from sppnet_monai.networks.sppnet import RECIPE_KEYS
 
-    extra = source.get(EXTRA_STATE_KEY)
-    saved = extra.get("recipe", {}) if isinstance(extra, Mapping) else {}
+    saved = _saved_recipe(source)
     built = getattr(net, "recipe", None)
     if not saved or built is None:
         return

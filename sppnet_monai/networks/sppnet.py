@@ -42,7 +42,6 @@ PIXEL_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
 PIXEL_STD: Tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 
-
 def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
     """0-255 RGB ``(3, H, W)`` from SAM-normalised ``rgb`` (the inverse of the bundle's ``NormalizeIntensityd``)."""
     mean = torch.as_tensor(PIXEL_MEAN, dtype=rgb.dtype, device=rgb.device)[:, None, None]
