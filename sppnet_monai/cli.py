@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import fire
 
@@ -76,22 +77,44 @@ class Commands:
         output_dir: str = "eval",
         checkpoint: str | None = None,
         split: str = "validation",
+        protocol: str = "prompted",
         prompt_draws: int = 1,
         overlays: bool = False,
         seed: int = 0,
-        config: str | None = None,
+        config: str | list | None = None,
+        method: str = "network",
         **overrides,
     ) -> None:
         """Dice/IoU (native and 256x256), AJI, PQ and F1 of a checkpoint on a prepared split.
 
-        ``--checkpoint`` defaults to the inference config's (the bundle's ``models/model.pt``); the
-        network is built from the recipe the checkpoint records. Writes OUTPUT_DIR/metrics.json and metrics.csv; ``--overlays`` adds pictures,
-        ``--prompt_draws N`` the spread of Dice over N random prompt draws (with a violin plot).
+        ``--protocol prompted`` (a ground-truth click in every window, the paper's protocol) or
+        ``automatic`` (the clicks ``predict`` chooses). ``--checkpoint`` defaults to the inference
+        config's (the shipped MoNuSeg model); the network is built from the recipe the checkpoint
+        records. ``--config "['bundle/configs/inference.json','bundle/configs/unet_inference.json']"``
+        scores the U-Net baseline, ``--method classical`` the hematoxylin + Otsu baseline. Writes
+        OUTPUT_DIR/metrics.json and metrics.csv; ``--overlays`` adds pictures, ``--prompt_draws N`` the
+        spread of Dice over N random prompt draws (with a violin plot).
         """
         from sppnet_monai.evaluate import run_evaluate
         from sppnet_monai.predict import DEFAULT_CONFIG
 
-        _report(run_evaluate(dataset_dir, output_dir, checkpoint, split, prompt_draws, overlays, seed, config or DEFAULT_CONFIG, **overrides))
+        _report(
+            run_evaluate(
+                dataset_dir, output_dir, checkpoint, split, protocol, prompt_draws, overlays, seed, config or DEFAULT_CONFIG, method, **overrides
+            )
+        )
+
+    def release(self, checkpoint: str, output: str, command: str = "", data: str = "", license: str = "") -> None:
+        """Write a trained SPPNet as a shippable file: float16 weights, its recipe and where it came from.
+
+        ``--command`` (how it was trained), ``--data`` (what it was trained on) and ``--license`` (the
+        terms the training data puts on the weights) are stored in the file (``_extra_state.release``).
+        """
+        from sppnet_monai.networks.checkpoints import save_release
+
+        provenance = {"command": command, "data": data, "license": license, "source": Path(checkpoint).name}
+        release = save_release(checkpoint, output, provenance)
+        _report({"output": output, "bytes": Path(output).stat().st_size, **release})
 
     def predict(
         self,

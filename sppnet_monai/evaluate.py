@@ -1,9 +1,19 @@
-"""``python -m sppnet_monai evaluate``: accuracy of a trained SPPNet on a prepared split.
+"""``python -m sppnet_monai evaluate``: accuracy of a trained SPPNet (or a baseline) on a prepared split.
 
-Prompts follow the paper: one click drawn by center-neighbourhood point sampling from the ground
-truth (plus a background click) per image. Scores (see :mod:`sppnet_monai.metrics`): Dice and IoU at
-native resolution and at the paper's 256x256 protocol, AJI, PQ and object F1 on instances split by
-watershed. ``prompt_draws`` repeats the random prompt draw to show how much the click matters.
+Two click protocols (``protocol``):
+
+- ``"prompted"``: the paper's protocol transposed to windows. Every window of the sliding-window
+  grid gets one click drawn by center-neighbourhood point sampling from the ground truth inside it,
+  plus a background click; a window whose ground truth holds no nucleus gets an automatic click.
+- ``"automatic"``: no ground truth at all: the clicks ``predict`` and the MONAI Label app choose
+  (``AutoClickd`` for the image, the inferer's automatic click for every other window).
+
+Scores (see :mod:`sppnet_monai.metrics`): Dice and IoU at native resolution and at the paper's
+256x256 protocol, AJI, PQ and object F1 on instances (split by the boundary head when the network
+has one, else by the distance watershed), for all images and for those whose ground truth
+separates touching nuclei (``SEPARATE_NUCLEI_SOURCES``: MoNuSeg's XML outlines), on which alone the
+object scores are trustworthy. ``method="classical"`` scores the hematoxylin + Otsu baseline through
+the same code; ``prompt_draws`` repeats the random prompt draw to show how much the clicks matter.
 """
 
 from __future__ import annotations
@@ -12,21 +22,30 @@ import csv
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
+from monai.utils import ensure_tuple_rep
 from tqdm import tqdm
 
-from sppnet_monai.data.image_io import read_mask, write_json, write_png
+from sppnet_monai.data.image_io import read_mask, read_rgb, write_json, write_png
+from sppnet_monai.data.instances import INSTANCE_SOURCE_KEY, SEPARATE_NUCLEI_SOURCES
 from sppnet_monai.metrics import dice_score, score_image, summarise
+from sppnet_monai.postprocess import instances_from_semantic
 from sppnet_monai.predict import DEFAULT_CONFIG, Predictor
-from sppnet_monai.utils import atomic_path
+from sppnet_monai.transforms import hematoxylin_mask
+from sppnet_monai.utils import SPPNetError, atomic_path
 from sppnet_monai.visualize import prompt_overlay
 from sppnet_monai.workflows.datasets import datalist_split
 
 logger = logging.getLogger(__name__)
 
 SCORE_KEYS = ("dice", "iou", "dice_256", "iou_256", "aji", "pq", "f1")
+PROTOCOLS = ("prompted", "automatic")
+METHODS = ("network", "classical")
 
 
 def run_evaluate(
@@ -34,48 +53,108 @@ def run_evaluate(
     output_dir: str,
     checkpoint: str | None = None,
     split: str = "validation",
+    protocol: str = "prompted",
     prompt_draws: int = 1,
     overlays: bool = False,
     seed: int = 0,
-    config: str | os.PathLike = DEFAULT_CONFIG,
+    config: str | os.PathLike | Sequence[str] = DEFAULT_CONFIG,
+    method: str = "network",
     **overrides,
 ) -> dict:
-    """Score ``checkpoint`` on ``split`` of a prepared dataset; writes metrics.json, metrics.csv (and overlays)."""
+    """Score ``checkpoint`` (or the classical ``method``) on ``split`` of a prepared dataset under ``protocol``.
+
+    Writes metrics.json (per image, mean and std, all images and the separately outlined ones),
+    metrics.csv and, with ``overlays``, a picture per image.
+    """
+    if protocol not in PROTOCOLS:
+        raise SPPNetError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    if method not in METHODS:
+        raise SPPNetError(f"method must be one of {METHODS}, got {method!r}.")
     entries = datalist_split(dataset_dir, split)
-    predictor = Predictor(checkpoint, config, **overrides)
-    sampler = predictor.parser.get_parsed_content("prompt_sampler")
-    sampler.set_random_state(seed)
+    predictor = Predictor(checkpoint, config, **overrides) if method == "network" else None
+    sampler = None
+    if predictor is not None:
+        sampler = predictor.parser.get_parsed_content("prompt_sampler")
+        sampler.set_random_state(seed)
+    draws = prompt_draws if protocol == "prompted" and predictor is not None else 1
     out = Path(output_dir)
-    per_image, names, draw_dice = [], [], []
-    for entry in tqdm(entries, desc=f"evaluate {split}", unit="image"):
+    per_image, names, sources, draw_dice = [], [], [], []
+    for entry in tqdm(entries, desc=f"evaluate {split} ({protocol})", unit="image"):
         truth = read_mask(entry["label"]).astype(np.int64)
         dice_per_draw = []
-        for draw in range(prompt_draws):
-            clicks = sampler({"label": truth[None]})
-            image, mask = segment_with_clicks(predictor, entry["image"], clicks["foreground"], clicks["background"])
+        for draw in range(draws):
+            if predictor is None:
+                image, mask, instances = None, *classical_segmentation(entry["image"])
+            else:
+                clicks = window_clicks(truth, sampler, predictor) if protocol == "prompted" else {}
+                image, mask, instances = segment_with_clicks(predictor, entry["image"], **clicks)
             if draw == 0:
-                per_image.append(score_image(mask, truth, predictor.instance_postprocess))
+                per_image.append(score_image(mask, truth, pred_instances=instances))
                 names.append(Path(entry["image"]).name)
-                if overlays:
+                sources.append(str(entry.get(INSTANCE_SOURCE_KEY, "")))
+                if overlays and image is not None:
                     write_png(out / "overlays" / f"{Path(entry['image']).stem}.png", prompt_overlay(image.numpy(), mask, truth > 0))
             dice_per_draw.append(dice_score(mask, truth > 0))
         draw_dice.append(dice_per_draw)
-    summary = summarise(per_image)
-    report = {"checkpoint": str(predictor.checkpoint), "dataset_dir": str(dataset_dir), "split": split, "images": names, **summary}
-    if prompt_draws > 1:
+    separated = [i for i, source in enumerate(sources) if source in SEPARATE_NUCLEI_SOURCES]
+    report = {
+        "checkpoint": str(predictor.checkpoint) if predictor is not None else method,
+        "dataset_dir": str(dataset_dir),
+        "split": split,
+        "protocol": protocol,
+        "images": names,
+        "instance_sources": sources,
+        **summarise(per_image),
+        "separate_nuclei_images": summarise([per_image[i] for i in separated]) if separated else None,
+    }
+    if draws > 1:
         report["prompt_draws"] = _draw_spread(np.asarray(draw_dice))
         _violin_plot(np.asarray(draw_dice), out / "prompt_draws_violin.png")
     write_json(out / "metrics.json", report)
-    _write_csv(out / "metrics.csv", names, per_image)
-    return {k: v for k, v in report.items() if k in ("split", "images")} | {
-        key: {"mean": summary[key]["mean"], "std": summary[key]["std"]} for key in SCORE_KEYS
-    } | ({"prompt_draws": report["prompt_draws"]} if prompt_draws > 1 else {})
+    _write_csv(out / "metrics.csv", names, sources, per_image)
+    brief = lambda summary: {key: {"mean": summary[key]["mean"], "std": summary[key]["std"]} for key in SCORE_KEYS}  # noqa: E731
+    result = {"split": split, "protocol": protocol, "images": names, **brief(report)}
+    if separated:
+        result["separate_nuclei_images"] = brief(report["separate_nuclei_images"])
+    if draws > 1:
+        result["prompt_draws"] = report["prompt_draws"]
+    return result
 
 
-def segment_with_clicks(predictor: Predictor, image: str, foreground: list, background: list) -> tuple[torch.Tensor, np.ndarray]:
-    """The network input ``(5, H, W)`` and the mask ``(H, W)`` bool that evaluation scores, for ground-truth clicks."""
-    prepared = predictor.prepare({"image": image, "foreground": foreground, "background": background})
-    return prepared, predictor.segment(prepared)
+def segment_with_clicks(
+    predictor: Predictor, image: str, foreground: list | None = None, background: list | None = None
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The network input ``(5, H, W)``, mask ``(H, W)`` bool and instances ``(H, W)`` int32 that evaluation scores."""
+    prepared = predictor.prepare({"image": image, "foreground": foreground or [], "background": background or []})
+    return (prepared, *predictor.segment_instances(prepared))
+
+
+def window_grid(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
+    """The windows MONAI's ``SlidingWindowInferer`` visits on an image of ``shape`` (H, W), as slices of it."""
+    roi = [min(int(r), int(s)) for r, s in zip(roi_size, shape)]  # the inferer pads a smaller image to one window
+    # MONAI's own scan-interval rule (private in monai.inferers.utils), so the grid is exactly the inferer's.
+    interval = _get_scan_interval(tuple(shape), tuple(roi), len(shape), ensure_tuple_rep(overlap, len(shape)))
+    return [tuple(window) for window in dense_patch_slices(tuple(shape), tuple(roi), interval, return_slice=True)]
+
+
+def window_clicks(truth: np.ndarray, sampler, predictor: Predictor) -> dict:
+    """The prompted protocol's clicks: one ground-truth click pair drawn by ``sampler`` in every window.
+
+    Returns ``{"foreground": [[x, y], ...], "background": [[x, y], ...]}`` in image pixels.
+    """
+    inferer = predictor.inferer
+    clicks: dict[str, list] = {"foreground": [], "background": []}
+    for rows, cols in window_grid(truth.shape, inferer.roi_size, inferer.overlap):
+        drawn = sampler({"label": truth[rows, cols][None]})
+        for key in clicks:
+            clicks[key] += [[x + cols.start, y + rows.start] for x, y in drawn[key]]
+    return clicks
+
+
+def classical_segmentation(image: str) -> tuple[np.ndarray, np.ndarray]:
+    """The classical baseline: haematoxylin (``rgb2hed``) + Gaussian blur + Otsu threshold, then the distance watershed."""
+    mask = hematoxylin_mask(np.moveaxis(read_rgb(image), -1, 0).astype(np.float32))
+    return mask, instances_from_semantic(mask)
 
 
 def _draw_spread(draw_dice: np.ndarray) -> dict:
@@ -109,9 +188,9 @@ def _violin_plot(draw_dice: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def _write_csv(path: Path, names: list[str], per_image: list[dict]) -> None:
+def _write_csv(path: Path, names: list[str], sources: list[str], per_image: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", *SCORE_KEYS])
-        for name, scores in zip(names, per_image):
-            writer.writerow([name, *(f"{scores[k]:.6f}" for k in SCORE_KEYS)])
+        writer.writerow(["image", INSTANCE_SOURCE_KEY, *SCORE_KEYS])
+        for name, source, scores in zip(names, sources, per_image):
+            writer.writerow([name, source, *(f"{scores[k]:.6f}" for k in SCORE_KEYS)])

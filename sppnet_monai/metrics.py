@@ -219,6 +219,7 @@ def score_image(
     pred_mask: np.ndarray,
     true_instances: np.ndarray,
     postprocess_kwargs: Mapping[str, Any] | None = None,
+    pred_instances: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All scores of one image.
 
@@ -227,6 +228,7 @@ def score_image(
         true_instances: ``(H, W)`` integer ground-truth label map, 0 = background.
         postprocess_kwargs: arguments of :func:`~sppnet_monai.postprocess.instances_from_semantic`,
             which splits ``pred_mask`` into nuclei for the object-level scores.
+        pred_instances: ``(H, W)`` predicted nuclei, used instead of splitting ``pred_mask``.
 
     Returns:
         ``dice``, ``iou`` (full resolution), ``dice_256``, ``iou_256`` (after nearest-neighbour
@@ -236,7 +238,10 @@ def score_image(
     pred_mask, true_instances = np.asarray(pred_mask), np.asarray(true_instances)
     pred_fg, true_fg = _binary_pair(pred_mask, true_instances)
     pred_small, true_small = resize_nearest(pred_fg), resize_nearest(true_fg)
-    pred_instances = instances_from_semantic(pred_fg, **(postprocess_kwargs or {}))
+    if pred_instances is None:
+        pred_instances = instances_from_semantic(pred_fg, **(postprocess_kwargs or {}))
+    else:
+        _same_shape(np.asarray(pred_instances), true_instances)
     pq = panoptic_quality(pred_instances, true_instances)
     return {
         "dice": dice_score(pred_fg, true_fg),

@@ -18,7 +18,7 @@ from monai.transforms import AsDiscrete
 from tqdm import tqdm
 
 from sppnet_monai.data.image_io import write_png
-from sppnet_monai.postprocess import instances_from_semantic
+from sppnet_monai.postprocess import instances_from_boundary, instances_from_semantic
 from sppnet_monai.utils import SPPNetError, atomic_path, root_message, user_error
 from sppnet_monai.workflows.datasets import image_entry, read_clicks_file
 from sppnet_monai.workflows.setup import reuse_freed_memory
@@ -58,20 +58,24 @@ class Predictor:
         checkpoint: trained weights; None uses the config's own ``checkpoint`` (``models/model.pt`` of
             the config's bundle folder). The network is built from the recipe the checkpoint records
             (``image_size``, ``fusion``).
-        config: the bundle inference config; its ids (``image_size``, ``sw_overlap``, ``threshold``,
+        config: the bundle inference config (or a list of configs, merged in order); its ids (``image_size``, ``sw_overlap``, ``threshold``,
             ``instance_postprocess``, ...) may be overridden.
 
     Loading one also makes the process keep freed memory for reuse (:func:`reuse_freed_memory`).
     """
 
-    def __init__(self, checkpoint: str | None = None, config: str | os.PathLike = DEFAULT_CONFIG, **overrides) -> None:
-        if not Path(config).is_file():
-            raise SPPNetError(f"inference config {config} not found; pass --config path/to/bundle/configs/inference.json")
+    def __init__(
+        self, checkpoint: str | None = None, config: str | os.PathLike | Sequence[str | os.PathLike] = DEFAULT_CONFIG, **overrides
+    ) -> None:
+        configs = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+        for path in configs:
+            if not Path(path).is_file():
+                raise SPPNetError(f"inference config {path} not found; pass --config path/to/bundle/configs/inference.json")
         reuse_freed_memory()
         parser = ConfigParser()
-        parser.read_config(str(config))
-        # The config's relative paths (its default checkpoint, models/model.pt) belong to its bundle folder.
-        bundle_root = str(Path(config).resolve().parents[1])
+        parser.read_config([str(path) for path in configs])
+        # The config's relative paths (its default checkpoint) belong to its bundle folder.
+        bundle_root = str(Path(configs[0]).resolve().parents[1])
         parser.update({"bundle_root": bundle_root, **({"checkpoint": str(checkpoint)} if checkpoint else {}), **overrides})
         self.parser = parser
         try:
@@ -90,6 +94,9 @@ class Predictor:
             raise cause from None
         self.discretize = AsDiscrete(threshold=self.threshold)
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
+        self.boundary_postprocess = dict(parser.get_parsed_content("boundary_postprocess", default={}))
+        self.flip_tta = bool(parser.get_parsed_content("flip_tta", default=False))
+        self.split_by_boundary = bool(parser.get_parsed_content("split_by_boundary", default=True))
 
     @property
     def image_size(self) -> int:
@@ -113,22 +120,52 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Mask logits ``(1, H, W)`` of a prepared ``(5, H, W)`` image (tiled if larger than the network input)."""
+        """Logits ``(C, H, W)`` of a prepared ``(5, H, W)`` image (tiled if larger than the network input):
+        the nuclei mask, then the nucleus boundary when the network has a boundary head.
+
+        With the config's ``flip_tta``, the mean of the logits of the image and of its three flips
+        (clicks flip with it, as channels of the input).
+        """
+        batch = image[None].to(self.device)
+        flips = [(), (-1,), (-2,), (-2, -1)] if self.flip_tta else [()]
         with self.autocast():
-            return self.inferer(image[None].to(self.device), self.network)[0]
+            total = sum(self._flip(self.inferer(self._flip(batch, dims), self.network), dims).float() for dims in flips)
+        return total[0] / len(flips)
+
+    @staticmethod
+    def _flip(tensor: torch.Tensor, dims: tuple) -> torch.Tensor:
+        return torch.flip(tensor, dims) if dims else tensor
 
     def mask(self, logits: torch.Tensor) -> np.ndarray:
-        """Nuclei mask ``(H, W)`` bool from logits ``(1, H, W)``: the bundle's sigmoid + threshold rule."""
-        return self.discretize(torch.sigmoid(logits.float()))[0].cpu().numpy() > 0
+        """Nuclei mask ``(H, W)`` bool from logits ``(C, H, W)``: the bundle's sigmoid + threshold rule on channel 0."""
+        return self.discretize(torch.sigmoid(logits[:1].float()))[0].cpu().numpy() > 0
+
+    @staticmethod
+    def boundary(logits: torch.Tensor) -> np.ndarray | None:
+        """Boundary probability ``(H, W)`` float32 from logits ``(C, H, W)``; None without a boundary head."""
+        return torch.sigmoid(logits[1].float()).cpu().numpy() if logits.shape[0] > 1 else None
+
+    def split_nuclei(self, mask: np.ndarray, boundary: np.ndarray | None = None) -> np.ndarray:
+        """Instance label map ``(H, W)`` int32 of ``mask``: watershed seeded by the boundary head's cores when
+        there is a ``boundary`` map (``boundary_postprocess``), else, or when the config's ``split_by_boundary``
+        is off, by distance peaks (``instance_postprocess``)."""
+        if boundary is None or not self.split_by_boundary:
+            return instances_from_semantic(mask, **self.instance_postprocess)
+        return instances_from_boundary(mask, boundary, **self.boundary_postprocess)
 
     def segment(self, image: torch.Tensor) -> np.ndarray:
         """Nuclei mask ``(H, W)`` bool of a prepared ``(5, H, W)`` image."""
         return self.mask(self.logits(image))
 
+    def segment_instances(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Nuclei mask ``(H, W)`` bool and instance label map ``(H, W)`` int32 of a prepared ``(5, H, W)`` image."""
+        logits = self.logits(image)
+        mask = self.mask(logits)
+        return mask, self.split_nuclei(mask, self.boundary(logits))
+
     def predict(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
         """Binary nuclei mask ``(H, W)`` bool and instance label map ``(H, W)`` int32."""
-        mask = self.segment(self.prepare(entry))
-        return mask, instances_from_semantic(mask, **self.instance_postprocess)
+        return self.segment_instances(self.prepare(entry))
 
 
 def write_outputs(output_dir: Path, stem: str, mask: np.ndarray, instances: np.ndarray, formats: Iterable[str]) -> list[str]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import hashlib
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 TRAIN = [str(CONFIGS / "train.json"), str(CONFIGS / "fast_cpu.json")]
 TINY = {"image_size": 64, "batch_size": 2, "max_epochs": 2, "val_interval": 1}
+SHIPPED = REPO / "bundle" / "weights" / "sppnet_monuseg.pt"
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,10 @@ def dataset(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, dataset) -> Path:
     """A bundle root holding 2 epochs of training on the tiny demo (checkpoints and TensorBoard logs)."""
     root = tmp_path_factory.mktemp("bundle")
+    (root / "weights").mkdir()
+    shutil.copy2(SHIPPED, root / "weights" / SHIPPED.name)  # as in the repository's bundle folder
     workflow = ConfigWorkflow(
-        config_file=TRAIN, meta_file=META, logging_file=LOGGING, workflow_type="train",
+        config_file=TRAIN + [str(CONFIGS / "demo.json")], meta_file=META, logging_file=LOGGING, workflow_type="train",
         bundle_root=str(root), dataset_dir=str(dataset), **TINY,
     )
     workflow.initialize()
@@ -67,9 +72,27 @@ def _bundle_cmd(*args: str) -> list[str]:
 
 def test_train_workflow_writes_checkpoints(trained):
     assert (trained / "models" / "model.pt").is_file()
+    # The README's demo run (train.json + fast_cpu.json + demo.json) leaves the shipped weights as they were.
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(trained / "weights" / SHIPPED.name) == digest(SHIPPED)
     assert (trained / "models" / "checkpoint_epoch=2.pt").is_file()
     net = SPPNet(image_size=64)
     assert load_checkpoint(net, trained / "models" / "model.pt") == "sppnet"
+
+
+def test_boundary_recipe_trains_a_boundary_head(dataset, tmp_path):
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json")], meta_file=META, logging_file=LOGGING,
+        workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(dataset), **{**TINY, "max_epochs": 1, "crops_per_image": 1},
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    net = SPPNet(image_size=64, boundary_head=True)
+    assert load_checkpoint(net, tmp_path / "models" / "model.pt") == "sppnet"
+    with pytest.raises(ValueError, match="boundary_head True"):  # the recipe says how to build the network
+        load_checkpoint(SPPNet(image_size=64), tmp_path / "models" / "model.pt")
+    assert net(torch.zeros(1, 5, 64, 64)).shape == (1, 2, 64, 64)
 
 
 def test_tensorboard_has_loss_metrics_lr_and_image(trained):
@@ -89,6 +112,7 @@ def test_evaluate_saves_per_image_metrics(trained, dataset):
     workflow = ConfigWorkflow(
         config_file=TRAIN + [str(CONFIGS / "evaluate.json")], meta_file=META, logging_file=LOGGING,
         workflow_type="eval", bundle_root=str(trained), dataset_dir=str(dataset), image_size=64,
+        checkpoint=str(trained / "models" / "model.pt"),
     )
     workflow.initialize()
     workflow.run()
@@ -104,7 +128,7 @@ def test_inference_workflow_writes_masks(trained, dataset, tmp_path):
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING, workflow_type="infer",
         bundle_root=str(trained), input_dir=str(dataset / "images"), clicks_file=str(clicks),
-        output_dir=str(tmp_path / "pred"), image_size=64,
+        output_dir=str(tmp_path / "pred"), image_size=64, checkpoint=str(trained / "models" / "model.pt"),
     )
     workflow.initialize()
     _assert_complete(workflow)
@@ -118,12 +142,13 @@ def test_inference_workflow_writes_masks(trained, dataset, tmp_path):
 
 def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
     config = [str(CONFIGS / "inference.json")]
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config, n=1, any=1, image_size=1024, bundle_root=str(trained))
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config, n=1, any=1, image_size=1024, bundle_root=str(trained),
+                      checkpoint=str(trained / "models" / "model.pt"), boundary_head=True)  # as metadata.json's output: the shipped model's
     ts_path = tmp_path / "model.ts"
     ckpt_export(
         net_id="network_def", filepath=str(ts_path), ckpt_file=str(trained / "models" / "model.pt"),
         meta_file=META, config_file=config, use_trace=True, input_shape=[1, 5, 64, 64],
-        args_file=None, bundle_root=str(trained),
+        args_file=None, bundle_root=str(trained), checkpoint=str(trained / "models" / "model.pt"),
     )
     scripted = torch.jit.load(str(ts_path))
     eager = SPPNet(image_size=64).eval()
@@ -354,7 +379,7 @@ def test_inference_click_outside_image(trained, dataset, tmp_path):
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING, workflow_type="infer",
         bundle_root=str(trained), input_dir=str(dataset / "images"), clicks_file=str(clicks),
-        output_dir=str(tmp_path / "pred"), image_size=64,
+        output_dir=str(tmp_path / "pred"), image_size=64, checkpoint=str(trained / "models" / "model.pt"),
     )
     assert f"foreground click [500, 5] is outside {first} (64x64" in _one_line_error(workflow)
     assert not (tmp_path / "pred").exists()

@@ -142,5 +142,17 @@ def test_missing_image_and_missing_model(bundle, image, tmp_path):
         ClickSegmenter(bundle).segment(tmp_path / "nope.png", [[1, 1]])
     empty = tmp_path / "empty"
     shutil.copytree(bundle / "configs", empty / "configs")
-    with pytest.raises(SPPNetError, match="no trained model"):
+    with pytest.raises(SPPNetError, match="no model at .*weights/sppnet_monuseg.pt"):
         ClickSegmenter(empty).segment(image, [[1, 1]])
+
+
+def test_serves_the_shipped_model_until_one_is_trained(bundle, tmp_path):
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle / "configs", root / "configs")
+    (root / "weights").mkdir()
+    shutil.copy2(bundle / "models" / "model.pt", root / "weights" / "sppnet_monuseg.pt")
+    segmenter = ClickSegmenter(root)
+    assert segmenter.checkpoint == root / "weights" / "sppnet_monuseg.pt" and segmenter.image_size == SIZE
+    (root / "models").mkdir()
+    shutil.copy2(bundle / "models" / "model.pt", root / "models" / "model.pt")  # what POST /train writes
+    assert segmenter.checkpoint == root / "models" / "model.pt"

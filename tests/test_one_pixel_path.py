@@ -32,9 +32,9 @@ FOREGROUND, BACKGROUND = [[30, 20], [44, 50]], [[2, 60], [1, 3]]  # two of each:
 def bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bundle")
     shutil.copytree(CONFIGS, root / "configs")
-    (root / "models").mkdir()
+    (root / "weights").mkdir()
     torch.manual_seed(3)
-    torch.save(SPPNet(image_size=64).state_dict(), root / "models" / "model.pt")
+    torch.save(SPPNet(image_size=64).state_dict(), root / "weights" / "sppnet_monuseg.pt")  # where the shipped model lives
     return root
 
 
@@ -48,7 +48,7 @@ def image(tmp_path_factory) -> Path:
 def test_same_image_and_clicks_give_the_same_mask_on_every_path(bundle, image, tmp_path):
     clicks = tmp_path / "clicks.json"
     clicks.write_text(json.dumps({image.name: {"foreground": FOREGROUND, "background": BACKGROUND}}))
-    checkpoint = str(bundle / "models" / "model.pt")
+    checkpoint = str(bundle / "weights" / "sppnet_monuseg.pt")
 
     workflow = ConfigWorkflow(
         config_file=str(bundle / "configs" / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
@@ -72,15 +72,15 @@ def test_same_image_and_clicks_give_the_same_mask_on_every_path(bundle, image, t
 
 
 def test_model_runs_at_the_size_it_was_trained_at_without_being_told(bundle, monkeypatch, tmp_path):
-    assert Predictor(str(bundle / "models" / "model.pt")).image_size == 64
-    monkeypatch.chdir(tmp_path)  # the default checkpoint is the config's bundle's models/model.pt, wherever one runs
+    assert Predictor(str(bundle / "weights" / "sppnet_monuseg.pt")).image_size == 64
+    monkeypatch.chdir(tmp_path)  # the default checkpoint is the config's bundle's shipped weights, wherever one runs
     default = Predictor(config=bundle / "configs" / "inference.json")
-    assert Path(default.checkpoint) == bundle / "models" / "model.pt" and default.image_size == 64
+    assert Path(default.checkpoint) == bundle / "weights" / "sppnet_monuseg.pt" and default.image_size == 64
     assert ClickSegmenter(bundle).image_size == 64
 
 
 def test_contradicting_image_size_is_a_user_error(bundle, image, tmp_path):
-    checkpoint = str(bundle / "models" / "model.pt")
+    checkpoint = str(bundle / "weights" / "sppnet_monuseg.pt")
     with pytest.raises(SPPNetError, match=r"trained with image_size 64 \(this network: 128\)"):
         Predictor(checkpoint, image_size=128)
     with pytest.raises(SPPNetError, match="image_size 64"):  # the app answers it with HTTP 400
@@ -115,7 +115,7 @@ def test_palette_and_cmyk_images_read_the_same_on_every_path(bundle, tmp_path):
     colours = np.array([[200, 0, 50], [20, 120, 240]], np.uint8)[np.arange(64 * 64).reshape(64, 64) % 2]
     Image.fromarray(colours).convert("P").save(tmp_path / "palette.png")
     Image.fromarray(colours).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
-    predictor = Predictor(str(bundle / "models" / "model.pt"))
+    predictor = Predictor(str(bundle / "weights" / "sppnet_monuseg.pt"))
     for name in ("palette.png", "cmyk.jpg"):
         loaded = predictor.load_image({"image": str(tmp_path / name)})["image"]
         np.testing.assert_array_equal(np.moveaxis(np.asarray(loaded), 0, -1), read_rgb(tmp_path / name), err_msg=name)

@@ -188,4 +188,4 @@ def test_evaluate_cli_reports_every_metric_and_prompt_spread(checkpoint, tmp_pat
         assert 0.0 <= metrics[key]["mean"] <= 1.0
     assert metrics["prompt_draws"]["draws"] == 3 and len(metrics["prompt_draws"]["mean_dice_per_draw"]) == 3
     assert (out / "prompt_draws_violin.png").is_file() and len(list((out / "overlays").glob("*.png"))) == 2
-    assert (out / "metrics.csv").read_text().splitlines()[0] == "image,dice,iou,dice_256,iou_256,aji,pq,f1"
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "image,instances,dice,iou,dice_256,iou_256,aji,pq,f1"

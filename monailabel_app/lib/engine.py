@@ -21,7 +21,7 @@ gives the mask ``predict`` and bundle inference give for the same image and clic
   encoder; :attr:`ClickSegmenter.encoder_runs` counts encoder calls. The cache is emptied when the
   checkpoint file changes (it is reloaded, e.g. after ``/train``).
 - **Output.** The union of the windows' masks in a full-size ``(H, W)`` mask, split into nuclei by
-  :func:`sppnet_monai.postprocess.instances_from_semantic` with the bundle's ``instance_postprocess``.
+  ``Predictor.split_nuclei`` (the boundary head's watershed, or the distance watershed without one).
 - **Errors.** Bad clicks and unreadable images raise :class:`~sppnet_monai.utils.SPPNetError`
   (:class:`ImageNotFoundError` for a missing image); the infer task answers them with HTTP 400 / 404.
 """
@@ -123,7 +123,7 @@ class ClickSegmenter:
     """A trained SPPNet bundle served click by click.
 
     Args:
-        bundle_dir: a MONAI bundle folder with ``configs/inference.json`` and ``models/model.pt``.
+        bundle_dir: a MONAI bundle folder with ``configs/inference.json`` and a model (see :attr:`checkpoint`).
         cache_size: how many window embeddings to keep (each ~12 MB at image_size 1024).
         overrides: ids of ``inference.json`` to override (e.g. ``threshold=0.4``); ``image_size``
             comes from the checkpoint's recipe, and a contradicting override is an error.
@@ -132,7 +132,8 @@ class ClickSegmenter:
     def __init__(self, bundle_dir: str | os.PathLike, cache_size: int = 8, **overrides: Any) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.config = self.bundle_dir / "configs" / "inference.json"
-        self.checkpoint = self.bundle_dir / "models" / "model.pt"
+        self.trained_checkpoint = self.bundle_dir / "models" / "model.pt"
+        self.shipped_checkpoint = self.bundle_dir / "weights" / "sppnet_monuseg.pt"
         self.cache_size = max(0, int(cache_size))
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
         self.encoder_runs = 0
@@ -148,16 +149,23 @@ class ClickSegmenter:
 
         if not self.config.is_file():
             raise SPPNetError(f"no bundle inference config at {self.config}.")
-        if not self.checkpoint.is_file():
-            raise SPPNetError(f"no trained model at {self.checkpoint}: train one (POST /train) or copy model.pt there.")
-        stat = self.checkpoint.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        checkpoint = self.checkpoint
+        if not checkpoint.is_file():
+            raise SPPNetError(f"no model at {checkpoint}: train one (POST /train) or copy model.pt there.")
+        stat = checkpoint.stat()
+        stamp = (str(checkpoint), stat.st_mtime_ns, stat.st_size)
         if self._predictor is None or stamp != self._model_stamp:
-            logger.info("loading SPPNet from %s", self.checkpoint)
-            self._predictor = Predictor(str(self.checkpoint), self.config, **self.overrides)
+            logger.info("loading SPPNet from %s", checkpoint)
+            self._predictor = Predictor(str(checkpoint), self.config, **self.overrides)
             self._model_stamp = stamp
             self._cache.clear()
         return self._predictor
+
+    @property
+    def checkpoint(self) -> Path:
+        """The model served: the bundle's own trained ``models/model.pt`` (``/train`` writes it) when there
+        is one, else the weights shipped with the bundle (``weights/sppnet_monuseg.pt``)."""
+        return self.trained_checkpoint if self.trained_checkpoint.is_file() else self.shipped_checkpoint
 
     @property
     def image_size(self) -> int:
@@ -198,8 +206,11 @@ class ClickSegmenter:
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _segment_window(self, entry: dict, foreground: list, background: list, predictor) -> tuple[np.ndarray, list, bool]:
-        """The window's mask ``(h, w)`` bool, the background click used (window pixels) and whether it was automatic."""
+    def _segment_window(
+        self, entry: dict, foreground: list, background: list, predictor
+    ) -> tuple[np.ndarray, np.ndarray | None, list, bool]:
+        """The window's mask ``(h, w)`` bool, boundary probability ``(h, w)`` (None without a boundary head),
+        the background click used (window pixels) and whether it was automatic."""
         auto = not background
         if auto and entry["auto_background"] is not None:
             background = entry["auto_background"]
@@ -213,15 +224,13 @@ class ClickSegmenter:
         used = first_in_scan_order(np.argwhere(image[4].cpu().numpy() > 0)[:, ::-1]).tolist()
         if auto and used:
             entry["auto_background"] = used
-        return predictor.mask(logits[:1]), used, auto
+        return predictor.mask(logits), predictor.boundary(logits), used, auto
 
     def segment(
         self, image_path: str | os.PathLike, foreground: Sequence[Sequence[float]], background: Sequence[Sequence[float]] = ()
     ) -> tuple[np.ndarray, np.ndarray, dict]:
         """Nuclei mask ``(H, W)`` uint8 0/1, instance map ``(H, W)`` int32 and a JSON-able summary."""
         from PIL import Image
-
-        from sppnet_monai.postprocess import instances_from_semantic
 
         path = Path(image_path)
         if not path.is_file():
@@ -242,6 +251,7 @@ class ClickSegmenter:
             size = predictor.image_size
             stamp = (stat.st_mtime_ns, stat.st_size)
             mask = np.zeros((height, width), dtype=bool)
+            boundary = None
             windows: dict[tuple, list] = {}
             for x, y in positive.tolist():
                 windows.setdefault(choose_window(x, y, width, height, size), []).append([x, y])
@@ -251,8 +261,13 @@ class ClickSegmenter:
                 entry, hit = self._window_entry(path, stamp, window, predictor)
                 inside = [[x - x0, y - y0] for x, y in negative.tolist() if x0 <= x < x0 + w and y0 <= y < y0 + h]
                 local = [[x - x0, y - y0] for x, y in clicks]
-                window_mask, used, auto = self._segment_window(entry, local, inside, predictor)
+                window_mask, window_boundary, used, auto = self._segment_window(entry, local, inside, predictor)
                 mask[y0 : y0 + h, x0 : x0 + w] |= window_mask
+                if window_boundary is not None:
+                    boundary = np.zeros((height, width), dtype=np.float32) if boundary is None else boundary
+                    # Windows of several clicks overlap: the union of their masks, the strongest boundary.
+                    region = boundary[y0 : y0 + h, x0 : x0 + w]
+                    np.maximum(region, window_boundary, out=region)
                 summary.append(
                     {
                         "window": [x0, y0, w, h],
@@ -263,7 +278,7 @@ class ClickSegmenter:
                     }
                 )
             encoder_runs, cached = self.encoder_runs, len(self._cache)
-        instances = instances_from_semantic(mask, **predictor.instance_postprocess).astype(np.int32)
+        instances = predictor.split_nuclei(mask, boundary).astype(np.int32)
         info = {
             "image_size": [width, height],
             "windows": summary,

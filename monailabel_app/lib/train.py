@@ -37,8 +37,8 @@ class SPPNetTrain(TrainTask):
     mask (nuclei are then its connected components) or an instance map.
 
     Each run writes its checkpoints in a fresh ``models/monailabel_runs/<time>/`` (so the bundle's
-    resumable state of another dataset does not stop it) and, with ``finetune`` (default) and an
-    existing ``models/model.pt``, starts from that model. The run's best model then replaces
+    resumable state of another dataset does not stop it) and, with ``finetune`` (default), starts from
+    the served model (``models/model.pt``, else the shipped ``weights/sppnet_monuseg.pt``). The run's best model then replaces
     ``models/model.pt`` atomically; the infer task reloads it at its next request.
     """
 
@@ -74,13 +74,15 @@ class SPPNetTrain(TrainTask):
         run_dir.mkdir(parents=True, exist_ok=True)
         served = models / "model.pt"
         finetune = str(request.get("finetune", True)).lower() not in ("false", "0", "no")
-        if finetune and served.is_file():
+        # The model served now: the bundle's own trained one, else the shipped MoNuSeg weights.
+        current = served if served.is_file() else self.bundle_dir / "weights" / "sppnet_monuseg.pt"
+        if finetune and current.is_file():
             from sppnet_monai.networks.checkpoints import read_recipe
 
             start = run_dir / "initial_model.pt"
-            shutil.copy2(served, start)
+            shutil.copy2(current, start)
             # Fine-tuning keeps the served model's settings; a contradicting request fails on loading.
-            for key in ("image_size", "fusion"):
+            for key in ("image_size", "fusion", "boundary_head"):
                 overrides.setdefault(key, read_recipe(start).get(key))
             overrides = {k: v for k, v in overrides.items() if v is not None}
             overrides["network"] = f"$sppnet_monai.workflows.load_trained(@network_def, {str(start)!r}).to(@device)"

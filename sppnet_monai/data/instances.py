@@ -24,6 +24,9 @@ FROM_XML = "xml"
 FROM_CONNECTED_COMPONENTS = "connected_components"
 FROM_INSTANCE_MAP = "instance_map"
 FROM_SYNTHESIS = "synthetic"
+# Sources whose ids separate touching nuclei; a binary mask's components merge them.
+SEPARATE_NUCLEI_SOURCES = (FROM_XML, FROM_INSTANCE_MAP, FROM_SYNTHESIS)
+INSTANCE_SOURCE_KEY = "instances"
 
 
 def is_binary_mask(mask: np.ndarray) -> bool:

@@ -28,7 +28,15 @@ from torch import nn
 
 from sppnet_monai.utils import SPPNetError
 
-__all__ = ["CHECKPOINT_KINDS", "detect_checkpoint_kind", "load_checkpoint", "read_recipe", "read_state_dict"]
+__all__ = [
+    "CHECKPOINT_KINDS",
+    "detect_checkpoint_kind",
+    "load_checkpoint",
+    "read_recipe",
+    "read_release",
+    "read_state_dict",
+    "save_release",
+]
 
 StateDict = Dict[str, torch.Tensor]
 # Where nn.Module.get_extra_state puts SPPNet's recipe in its state dict.
@@ -214,3 +222,32 @@ def _check_keys(
 def _head(items: List[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def save_release(src: str | os.PathLike, dst: str | os.PathLike, provenance: Mapping[str, object]) -> Dict[str, object]:
+    """Write the trained SPPNet ``src`` as a release file ``dst``: float16 weights, its recipe and ``provenance``.
+
+    Floating-point tensors are stored in float16 (half the size; networks load them into their float32
+    parameters); the recipe stays in ``_extra_state`` and ``provenance`` (training command, data and
+    its licence, ...) joins it as ``release``. Returns what :func:`read_release` reads back.
+    """
+    from sppnet_monai.utils import atomic_path
+
+    source = read_state_dict(src)
+    if detect_checkpoint_kind(source) != "sppnet":
+        raise SPPNetError(f"checkpoint {src} is not an SPPNet checkpoint.")
+    recipe = _saved_recipe(source)
+    if not recipe:
+        raise SPPNetError(f"checkpoint {src} records no recipe (saved before sppnet_monai 0.2): load and save it again first.")
+    release = {k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in source.items()}
+    release[EXTRA_STATE_KEY] = {"recipe": recipe, "release": {**provenance, "storage_dtype": "float16"}}
+    with atomic_path(dst) as tmp:
+        torch.save(release, tmp)
+    return read_release(dst)
+
+
+def read_release(path: str | os.PathLike) -> Dict[str, object]:
+    """The ``release`` provenance a checkpoint carries (:func:`save_release`), ``{}`` for other checkpoints."""
+    extra = read_state_dict(path).get(EXTRA_STATE_KEY)
+    release = extra.get("release") if isinstance(extra, Mapping) else None
+    return dict(release) if isinstance(release, Mapping) else {}

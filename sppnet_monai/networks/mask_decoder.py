@@ -36,6 +36,8 @@ class SPPMaskDecoder(MaskDecoder):
     - image embeddings of batch B pair with B prompts (SAM repeats each embedding for every prompt,
       which gives B*B masks for a training batch); an embedding of batch 1 serves any number of
       prompts, as in SAM's predictor;
+    - ``extra_outputs`` of SAM's spare mask tokens (the multimask ones, otherwise unused by SPPNet)
+      follow the mask as extra output channels, e.g. a nucleus boundary map for instance separation;
     - ``low_level_features`` (B or 1, transformer_dim / 8, 4h, 4w) from LLSIE are fused with the
       upscaled embedding before the hypernetwork product: ``"add"`` as in the released code,
       ``"concat"`` + 1x1 convolution as in the paper's text, ``"none"`` for the ablation without LLSIE.
@@ -46,11 +48,14 @@ class SPPMaskDecoder(MaskDecoder):
     ``cached_decoding``).
     """
 
-    def __init__(self, *, fusion: str = "add", **kwargs) -> None:
+    def __init__(self, *, fusion: str = "add", extra_outputs: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         if fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}.")
+        if not 0 <= extra_outputs <= self.num_multimask_outputs:
+            raise ValueError(f"extra_outputs must be 0..{self.num_multimask_outputs} (the spare mask tokens), got {extra_outputs}.")
         self.fusion = fusion
+        self.extra_outputs = extra_outputs
         if fusion == "concat":
             mask_chans = self.transformer_dim // 8
             self.fusion_proj = nn.Conv2d(2 * mask_chans, mask_chans, kernel_size=1)
@@ -65,11 +70,15 @@ class SPPMaskDecoder(MaskDecoder):
         low_level_features: Optional[torch.Tensor] = None,
         image_cache: Optional[CachedImageTokens] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Masks ``(P, M, 4h, 4w)`` logits and IoU predictions ``(P, M)``; M = 1, or 3 with ``multimask_output``."""
+        """Masks ``(P, M, 4h, 4w)`` logits and IoU predictions ``(P, M)``.
+
+        M = 1 + ``extra_outputs``: the single-mask token, then the first spare tokens (e.g. a boundary
+        map); M = 3, SAM's candidate masks, with ``multimask_output``.
+        """
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, low_level_features, image_cache
         )
-        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1 + self.extra_outputs)
         return masks[:, mask_slice], iou_pred[:, mask_slice]
 
     def predict_masks(

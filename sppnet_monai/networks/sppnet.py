@@ -23,6 +23,8 @@ from sppnet_monai.networks.mask_decoder import SPPMaskDecoder
 from sppnet_monai.utils import SPPNetError
 
 __all__ = [
+    "BOUNDARY_CHANNEL",
+    "MASK_CHANNEL",
     "PIXEL_MEAN",
     "PIXEL_STD",
     "RECIPE_KEYS",
@@ -50,7 +52,10 @@ def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 # What a trained network's shape or meaning depends on: saved with its weights (see SPPNet.recipe).
-RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim")
+RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "boundary_head")
+
+# Output channels of a network with the boundary head: nuclei mask logits, then nucleus-boundary logits.
+MASK_CHANNEL, BOUNDARY_CHANNEL = 0, 1
 
 
 class ImageFeatures(NamedTuple):
@@ -141,6 +146,11 @@ class SPPNet(nn.Module):
         embed_dim: channels of the image embedding and prompt tokens (SAM: 256).
         multimask_output: return SAM's three candidate masks instead of the single one.
         drop_path_rate: stochastic depth in the image encoder.
+        boundary_head: also predict each nucleus's boundary (channel ``BOUNDARY_CHANNEL`` of the
+            output, from the first spare mask token of SAM's decoder): the contour-aware recipe of
+            DCAN / CDNet, whose watershed separates touching nuclei
+            (:func:`~sppnet_monai.postprocess.instances_from_boundary`). Same weights and keys as
+            without it, so any SPPNet checkpoint loads either way.
     """
 
     in_channels = 5
@@ -153,13 +163,16 @@ class SPPNet(nn.Module):
         embed_dim: int = 256,
         multimask_output: bool = False,
         drop_path_rate: float = 0.0,
+        boundary_head: bool = False,
     ) -> None:
         super().__init__()
         check_image_size(image_size)
+        if boundary_head and multimask_output:
+            raise ValueError("boundary_head uses a spare mask token of the decoder: it cannot go with multimask_output.")
         stride = TinyViTImageEncoder.stride
         self.image_size = image_size
         self.multimask_output = multimask_output
-        self._recipe = {"image_size": int(image_size), "fusion": fusion, "encoder_name": encoder_name, "embed_dim": int(embed_dim)}
+        self._recipe = {"image_size": int(image_size), "fusion": fusion, "encoder_name": encoder_name, "embed_dim": int(embed_dim), "boundary_head": bool(boundary_head)}
         self.loaded_recipe: Optional[Dict[str, Any]] = None
         embedding_size = image_size // stride
         self.image_encoder = TinyViTImageEncoder(encoder_name, out_chans=embed_dim, drop_path_rate=drop_path_rate)
@@ -171,6 +184,7 @@ class SPPNet(nn.Module):
         )
         self.mask_decoder = SPPMaskDecoder(
             fusion=fusion,
+            extra_outputs=int(boundary_head),
             transformer_dim=embed_dim,
             transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
             num_multimask_outputs=3,
@@ -203,6 +217,10 @@ class SPPNet(nn.Module):
     @property
     def fusion(self) -> str:
         return self.mask_decoder.fusion
+
+    @property
+    def boundary_head(self) -> bool:
+        return bool(self.mask_decoder.extra_outputs)
 
     @property
     def recipe(self) -> Dict[str, Any]:
@@ -275,7 +293,8 @@ class SPPNet(nn.Module):
         return self.decode(self.encode(image), point_coords, point_labels, multimask_output)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Mask logits ``(B, 1, H, W)`` (``(B, 3, H, W)`` with ``multimask_output``) of ``image`` ``(B, 5, H, W)``."""
+        """Mask logits ``(B, 1, H, W)`` of ``image`` ``(B, 5, H, W)``; ``(B, 2, H, W)`` (mask, boundary) with
+        ``boundary_head``, ``(B, 3, H, W)`` with ``multimask_output``."""
         _check_image(image, self.in_channels, self.image_size)
         return self.decode_guidance(self.encode(image[:, :3]), image[:, 3:5])
 

@@ -9,6 +9,8 @@ pairs in ``d["foreground"]`` / ``d["background"]``; the network input is (5, H, 
 from .auto_click import AutoClickd, choose_clicks, hematoxylin_mask
 from .image import EnsureRGB, EnsureRGBd
 from .prompt import AddClickGuidanceChannelsd, CenterNeighborhoodPointSampled, nucleus_center
+from .stain import RandHEDJitter, RandHEDJitterd
+from .targets import NucleiBoundaryTarget, NucleiBoundaryTargetd
 
 __all__ = [
     "AddClickGuidanceChannelsd",
@@ -18,5 +20,9 @@ __all__ = [
     "EnsureRGB",
     "EnsureRGBd",
     "hematoxylin_mask",
+    "NucleiBoundaryTarget",
+    "NucleiBoundaryTargetd",
+    "RandHEDJitter",
+    "RandHEDJitterd",
     "nucleus_center",
 ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import pickle
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -89,4 +91,15 @@ def load_trained(net: nn.Module, checkpoint: str) -> nn.Module:
     """
     load_checkpoint(net, checkpoint, kind="sppnet")
     logger.info("loaded SPPNet weights from %s", checkpoint)
+    return net
+
+
+def load_state_dict_file(net: nn.Module, checkpoint: str) -> nn.Module:
+    """Load a plain state dict saved by the bundle's trainer (e.g. the U-Net baseline's ``model.pt``) into ``net``, strictly."""
+    if not Path(checkpoint).is_file():
+        raise SPPNetError(f"checkpoint {checkpoint} not found.")
+    try:
+        net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    except (RuntimeError, pickle.UnpicklingError) as err:
+        raise SPPNetError(f"checkpoint {checkpoint} does not fit {type(net).__name__}: {str(err).splitlines()[0]}") from err
     return net
