@@ -6,7 +6,7 @@ Usage:
 Every row is one ``python -m sppnet_monai evaluate`` run (its command is printed in the row); each
 writes ``OUTPUT_DIR/<row>/metrics.json`` and ``metrics.csv`` with the per-image scores. Prints and
 writes ``OUTPUT_DIR/table.md`` (mean ± std over the split's images) and ``table.json``.
-``--ablation`` adds SPPNet rows with flip test-time augmentation and without the boundary head's watershed.
+``--ablation`` adds SPPNet rows with flip test-time augmentation and without the instance head's watershed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def rows(args: argparse.Namespace) -> list[tuple[str, dict]]:
     if args.ablation:
         table += [
             ("SPPNet, automatic, + flip TTA", {**sppnet, "protocol": "automatic", "flip_tta": True}),
-            ("SPPNet, automatic, distance watershed instead of the boundary head's", {**sppnet, "protocol": "automatic", "split_by_boundary": False}),
+            ("SPPNet, automatic, mask-only watershed instead of the instance head's", {**sppnet, "protocol": "automatic", "split_by_head": False}),
         ]
     return table
 

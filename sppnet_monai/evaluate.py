@@ -9,7 +9,7 @@ Two click protocols (``protocol``):
   (``AutoClickd`` for the image, the inferer's automatic click for every other window).
 
 Scores (see :mod:`sppnet_monai.metrics`): Dice and IoU at native resolution and at the paper's
-256x256 protocol, AJI, PQ and object F1 on instances (split by the boundary head when the network
+256x256 protocol, AJI, PQ and object F1 on instances (split by the instance head when the network
 has one, else by the distance watershed), for all images and for those whose ground truth
 separates touching nuclei (``SEPARATE_NUCLEI_SOURCES``: MoNuSeg's XML outlines), on which alone the
 object scores are trustworthy. ``method="classical"`` scores the hematoxylin + Otsu baseline through

@@ -1,12 +1,12 @@
-"""From a nuclei mask to one label per nucleus: watershed, seeded by distance peaks or by the boundary head.
+"""From a nuclei mask to one label per nucleus: watershed, seeded by distance peaks or by the instance head.
 
 Touching nuclei form one connected blob in the mask. Without more information, each nucleus is
 taken as roughly convex, so the distance to the background peaks once inside each of them and dips
 at the neck where they touch: watershed on the negated distance, seeded at its peaks, cuts the
-blob at those necks (:func:`instances_from_semantic`). A network with a boundary head draws the
-cut itself: the mask minus the predicted boundaries leaves one core per nucleus, which seeds a
-watershed over the boundary map (:func:`instances_from_boundary`, the contour-aware recipe of
-DCAN, Chen et al. CVPR 2016, and CDNet, He et al. ICCV 2021).
+blob at those necks (:func:`instances_from_semantic`). A network with an instance head draws the
+cut itself (:func:`instances_from_head`): the mask minus its predicted contours (DCAN, Chen et al.
+CVPR 2016; CDNet, He et al. ICCV 2021), or the top of its predicted per-nucleus distance map (Naylor
+et al., IEEE TMI 2019), leaves one core per nucleus, which seeds the watershed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from skimage import feature, morphology, segmentation
 from sppnet_monai.data.instances import binary_to_instances, relabel_consecutive
 from sppnet_monai.utils import SPPNetError
 
-__all__ = ["instances_from_boundary", "instances_from_semantic"]
+__all__ = ["instances_from_head", "instances_from_semantic"]
 
 
 def _seeds(
@@ -115,42 +115,49 @@ def instances_from_semantic(
     return _finish(labels, mask, min_size)
 
 
-def instances_from_boundary(
+def instances_from_head(
     mask: np.ndarray,
-    boundary: np.ndarray,
-    boundary_threshold: float = 0.5,
+    head: np.ndarray,
+    kind: str,
+    core_threshold: float = 0.5,
     min_core_size: int = 4,
     min_size: int = 10,
 ) -> np.ndarray:
-    """Split a nuclei mask into nuclei with a predicted boundary map.
+    """Split a nuclei mask into nuclei with the map an instance head predicted (``SPPNet(instance_head=kind)``).
 
-    Cores are the 4-connected components of ``mask`` where ``boundary`` is below
-    ``boundary_threshold``; each seeds a watershed over ``boundary`` inside ``mask``, so the
-    boundary pixels go to the nucleus they border and touching nuclei part along the ridge.
+    Cores, one per nucleus, are the 4-connected components of ``mask`` where the map says "inside":
+    ``"boundary"`` probability below ``core_threshold``, or ``"distance"`` (normalised distance to the
+    nucleus border, 1 at its centre) above it. Each core seeds a watershed inside ``mask`` over the
+    boundary map, or over the negated distance map, so the rest of each nucleus joins its core and
+    touching nuclei part along the ridge (or valley) between them.
 
     Args:
         mask: ``(H, W)`` nuclei mask, non-zero = nucleus.
-        boundary: ``(H, W)`` boundary probability (sigmoid of the boundary head), same shape.
-        boundary_threshold: boundary probability above which a pixel separates cores.
-        min_core_size: cores with fewer pixels are dropped (noise in the boundary map would otherwise
-            split a nucleus); their pixels join a neighbouring nucleus.
+        head: ``(H, W)`` the instance head's map after the sigmoid, same shape.
+        kind: ``"boundary"`` or ``"distance"``.
+        core_threshold: where the map separates core from rim.
+        min_core_size: cores with fewer pixels are dropped (noise would otherwise split a nucleus); their
+            pixels join a neighbouring nucleus.
         min_size: nuclei (after the split) with fewer pixels are dropped.
 
     Returns:
         ``(H, W)`` int32 label map, 0 = background, nuclei numbered ``1..N``.
     """
-    mask, boundary = np.asarray(mask) != 0, np.asarray(boundary, dtype=np.float32)
-    if mask.ndim != 2 or boundary.shape != mask.shape:
-        raise SPPNetError(f"expected a (H, W) mask and a boundary map of the same shape, got {mask.shape} and {boundary.shape}")
-    if not 0 < boundary_threshold < 1:
-        raise SPPNetError(f"boundary_threshold must be between 0 and 1, got {boundary_threshold}")
+    mask, head = np.asarray(mask) != 0, np.asarray(head, dtype=np.float32)
+    if mask.ndim != 2 or head.shape != mask.shape:
+        raise SPPNetError(f"expected a (H, W) mask and an instance map of the same shape, got {mask.shape} and {head.shape}")
+    if kind not in ("boundary", "distance"):
+        raise SPPNetError(f"kind must be 'boundary' or 'distance', got {kind!r}")
+    if not 0 < core_threshold < 1:
+        raise SPPNetError(f"core_threshold must be between 0 and 1, got {core_threshold}")
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
-    cores = binary_to_instances(mask & (boundary < boundary_threshold))
+    inside, energy = (head < core_threshold, head) if kind == "boundary" else (head > core_threshold, -head)
+    cores = binary_to_instances(mask & inside)
     small = np.bincount(cores.ravel()) < min_core_size
     small[0] = False
     cores[small[cores]] = 0
-    labels = segmentation.watershed(boundary, cores, mask=mask)
+    labels = segmentation.watershed(energy, cores, mask=mask)
     return _finish(labels, mask, min_size)
 
 

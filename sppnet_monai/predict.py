@@ -18,7 +18,7 @@ from monai.transforms import AsDiscrete
 from tqdm import tqdm
 
 from sppnet_monai.data.image_io import write_png
-from sppnet_monai.postprocess import instances_from_boundary, instances_from_semantic
+from sppnet_monai.postprocess import instances_from_head, instances_from_semantic
 from sppnet_monai.utils import SPPNetError, atomic_path, root_message, user_error
 from sppnet_monai.workflows.datasets import image_entry, read_clicks_file
 from sppnet_monai.workflows.setup import reuse_freed_memory
@@ -94,9 +94,10 @@ class Predictor:
             raise cause from None
         self.discretize = AsDiscrete(threshold=self.threshold)
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
-        self.boundary_postprocess = dict(parser.get_parsed_content("boundary_postprocess", default={}))
+        self.head_postprocess = dict(parser.get_parsed_content("head_postprocess", default={}))
         self.flip_tta = bool(parser.get_parsed_content("flip_tta", default=False))
-        self.split_by_boundary = bool(parser.get_parsed_content("split_by_boundary", default=True))
+        self.split_by_head = bool(parser.get_parsed_content("split_by_head", default=True))
+        self.instance_head = getattr(self.network, "instance_head", None) or parser.get_parsed_content("instance_head", default=None)
 
     @property
     def image_size(self) -> int:
@@ -121,7 +122,7 @@ class Predictor:
     @torch.no_grad()
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(C, H, W)`` of a prepared ``(5, H, W)`` image (tiled if larger than the network input):
-        the nuclei mask, then the nucleus boundary when the network has a boundary head.
+        the nuclei mask, then the instance head's map when the network has one.
 
         With the config's ``flip_tta``, the mean of the logits of the image and of its three flips
         (clicks flip with it, as channels of the input).
@@ -141,17 +142,17 @@ class Predictor:
         return self.discretize(torch.sigmoid(logits[:1].float()))[0].cpu().numpy() > 0
 
     @staticmethod
-    def boundary(logits: torch.Tensor) -> np.ndarray | None:
-        """Boundary probability ``(H, W)`` float32 from logits ``(C, H, W)``; None without a boundary head."""
+    def head_map(logits: torch.Tensor) -> np.ndarray | None:
+        """The instance head's map ``(H, W)`` float32 (after the sigmoid) from logits ``(C, H, W)``; None without one."""
         return torch.sigmoid(logits[1].float()).cpu().numpy() if logits.shape[0] > 1 else None
 
-    def split_nuclei(self, mask: np.ndarray, boundary: np.ndarray | None = None) -> np.ndarray:
-        """Instance label map ``(H, W)`` int32 of ``mask``: watershed seeded by the boundary head's cores when
-        there is a ``boundary`` map (``boundary_postprocess``), else, or when the config's ``split_by_boundary``
-        is off, by distance peaks (``instance_postprocess``)."""
-        if boundary is None or not self.split_by_boundary:
+    def split_nuclei(self, mask: np.ndarray, head_map: np.ndarray | None = None) -> np.ndarray:
+        """Instance label map ``(H, W)`` int32 of ``mask``: watershed seeded by the cores of the instance head's
+        ``head_map`` (``head_postprocess``), else, or when the config's ``split_by_head`` is off, by distance
+        peaks of the mask (``instance_postprocess``)."""
+        if head_map is None or not self.split_by_head or self.instance_head is None:
             return instances_from_semantic(mask, **self.instance_postprocess)
-        return instances_from_boundary(mask, boundary, **self.boundary_postprocess)
+        return instances_from_head(mask, head_map, self.instance_head, **self.head_postprocess)
 
     def segment(self, image: torch.Tensor) -> np.ndarray:
         """Nuclei mask ``(H, W)`` bool of a prepared ``(5, H, W)`` image."""
@@ -161,7 +162,7 @@ class Predictor:
         """Nuclei mask ``(H, W)`` bool and instance label map ``(H, W)`` int32 of a prepared ``(5, H, W)`` image."""
         logits = self.logits(image)
         mask = self.mask(logits)
-        return mask, self.split_nuclei(mask, self.boundary(logits))
+        return mask, self.split_nuclei(mask, self.head_map(logits))
 
     def predict(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
         """Binary nuclei mask ``(H, W)`` bool and instance label map ``(H, W)`` int32."""

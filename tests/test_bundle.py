@@ -80,7 +80,7 @@ def test_train_workflow_writes_checkpoints(trained):
     assert load_checkpoint(net, trained / "models" / "model.pt") == "sppnet"
 
 
-def test_boundary_recipe_trains_a_boundary_head(dataset, tmp_path):
+def test_cpu_recipe_trains_an_instance_head(dataset, tmp_path):
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json")], meta_file=META, logging_file=LOGGING,
         workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(dataset), **{**TINY, "max_epochs": 1, "crops_per_image": 1},
@@ -88,9 +88,9 @@ def test_boundary_recipe_trains_a_boundary_head(dataset, tmp_path):
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    net = SPPNet(image_size=64, boundary_head=True)
+    net = SPPNet(image_size=64, instance_head="distance")
     assert load_checkpoint(net, tmp_path / "models" / "model.pt") == "sppnet"
-    with pytest.raises(ValueError, match="boundary_head True"):  # the recipe says how to build the network
+    with pytest.raises(ValueError, match="instance_head 'distance'"):  # the recipe says how to build the network
         load_checkpoint(SPPNet(image_size=64), tmp_path / "models" / "model.pt")
     assert net(torch.zeros(1, 5, 64, 64)).shape == (1, 2, 64, 64)
 
@@ -143,7 +143,7 @@ def test_inference_workflow_writes_masks(trained, dataset, tmp_path):
 def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
     config = [str(CONFIGS / "inference.json")]
     verify_net_in_out(net_id="network_def", meta_file=META, config_file=config, n=1, any=1, image_size=1024, bundle_root=str(trained),
-                      checkpoint=str(trained / "models" / "model.pt"), boundary_head=True)  # as metadata.json's output: the shipped model's
+                      checkpoint=str(trained / "models" / "model.pt"), instance_head="distance")  # as metadata.json's output: the shipped model's
     ts_path = tmp_path / "model.ts"
     ckpt_export(
         net_id="network_def", filepath=str(ts_path), ckpt_file=str(trained / "models" / "model.pt"),

@@ -21,7 +21,7 @@ gives the mask ``predict`` and bundle inference give for the same image and clic
   encoder; :attr:`ClickSegmenter.encoder_runs` counts encoder calls. The cache is emptied when the
   checkpoint file changes (it is reloaded, e.g. after ``/train``).
 - **Output.** The union of the windows' masks in a full-size ``(H, W)`` mask, split into nuclei by
-  ``Predictor.split_nuclei`` (the boundary head's watershed, or the distance watershed without one).
+  ``Predictor.split_nuclei`` (the instance head's watershed, or the distance watershed without one).
 - **Errors.** Bad clicks and unreadable images raise :class:`~sppnet_monai.utils.SPPNetError`
   (:class:`ImageNotFoundError` for a missing image); the infer task answers them with HTTP 400 / 404.
 """
@@ -209,7 +209,7 @@ class ClickSegmenter:
     def _segment_window(
         self, entry: dict, foreground: list, background: list, predictor
     ) -> tuple[np.ndarray, np.ndarray | None, list, bool]:
-        """The window's mask ``(h, w)`` bool, boundary probability ``(h, w)`` (None without a boundary head),
+        """The window's mask ``(h, w)`` bool, instance-head map ``(h, w)`` (None without an instance head),
         the background click used (window pixels) and whether it was automatic."""
         auto = not background
         if auto and entry["auto_background"] is not None:
@@ -224,7 +224,7 @@ class ClickSegmenter:
         used = first_in_scan_order(np.argwhere(image[4].cpu().numpy() > 0)[:, ::-1]).tolist()
         if auto and used:
             entry["auto_background"] = used
-        return predictor.mask(logits), predictor.boundary(logits), used, auto
+        return predictor.mask(logits), predictor.head_map(logits), used, auto
 
     def segment(
         self, image_path: str | os.PathLike, foreground: Sequence[Sequence[float]], background: Sequence[Sequence[float]] = ()
@@ -251,7 +251,7 @@ class ClickSegmenter:
             size = predictor.image_size
             stamp = (stat.st_mtime_ns, stat.st_size)
             mask = np.zeros((height, width), dtype=bool)
-            boundary = None
+            head_map = None
             windows: dict[tuple, list] = {}
             for x, y in positive.tolist():
                 windows.setdefault(choose_window(x, y, width, height, size), []).append([x, y])
@@ -261,13 +261,14 @@ class ClickSegmenter:
                 entry, hit = self._window_entry(path, stamp, window, predictor)
                 inside = [[x - x0, y - y0] for x, y in negative.tolist() if x0 <= x < x0 + w and y0 <= y < y0 + h]
                 local = [[x - x0, y - y0] for x, y in clicks]
-                window_mask, window_boundary, used, auto = self._segment_window(entry, local, inside, predictor)
+                window_mask, window_head, used, auto = self._segment_window(entry, local, inside, predictor)
                 mask[y0 : y0 + h, x0 : x0 + w] |= window_mask
-                if window_boundary is not None:
-                    boundary = np.zeros((height, width), dtype=np.float32) if boundary is None else boundary
-                    # Windows of several clicks overlap: the union of their masks, the strongest boundary.
-                    region = boundary[y0 : y0 + h, x0 : x0 + w]
-                    np.maximum(region, window_boundary, out=region)
+                if window_head is not None:
+                    # Windows of several clicks overlap: the union of their masks, the larger head value
+                    # (the union rule of several prompts, applied to the head's map too).
+                    head_map = np.zeros((height, width), dtype=np.float32) if head_map is None else head_map
+                    region = head_map[y0 : y0 + h, x0 : x0 + w]
+                    np.maximum(region, window_head, out=region)
                 summary.append(
                     {
                         "window": [x0, y0, w, h],
@@ -278,7 +279,7 @@ class ClickSegmenter:
                     }
                 )
             encoder_runs, cached = self.encoder_runs, len(self._cache)
-        instances = predictor.split_nuclei(mask, boundary).astype(np.int32)
+        instances = predictor.split_nuclei(mask, head_map).astype(np.int32)
         info = {
             "image_size": [width, height],
             "windows": summary,

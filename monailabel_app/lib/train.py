@@ -82,7 +82,7 @@ class SPPNetTrain(TrainTask):
             start = run_dir / "initial_model.pt"
             shutil.copy2(current, start)
             # Fine-tuning keeps the served model's settings; a contradicting request fails on loading.
-            for key in ("image_size", "fusion", "boundary_head"):
+            for key in ("image_size", "fusion", "instance_head"):
                 overrides.setdefault(key, read_recipe(start).get(key))
             overrides = {k: v for k, v in overrides.items() if v is not None}
             overrides["network"] = f"$sppnet_monai.workflows.load_trained(@network_def, {str(start)!r}).to(@device)"

@@ -2,7 +2,8 @@ from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
 from sppnet_monai.networks.llsie import LLSIE
 from sppnet_monai.networks.mask_decoder import FUSION_MODES, SPPMaskDecoder
 from sppnet_monai.networks.sppnet import (
-    BOUNDARY_CHANNEL,
+    INSTANCE_CHANNEL,
+    INSTANCE_HEADS,
     MASK_CHANNEL,
     PIXEL_MEAN,
     PIXEL_STD,
@@ -17,7 +18,8 @@ from sppnet_monai.networks.sppnet import (
 
 __all__ = [
     "FUSION_MODES",
-    "BOUNDARY_CHANNEL",
+    "INSTANCE_CHANNEL",
+    "INSTANCE_HEADS",
     "MASK_CHANNEL",
     "PIXEL_MEAN",
     "PIXEL_STD",

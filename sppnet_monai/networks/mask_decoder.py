@@ -37,7 +37,7 @@ class SPPMaskDecoder(MaskDecoder):
       which gives B*B masks for a training batch); an embedding of batch 1 serves any number of
       prompts, as in SAM's predictor;
     - ``extra_outputs`` of SAM's spare mask tokens (the multimask ones, otherwise unused by SPPNet)
-      follow the mask as extra output channels, e.g. a nucleus boundary map for instance separation;
+      follow the mask as extra output channels, e.g. a map that separates touching nuclei;
     - ``low_level_features`` (B or 1, transformer_dim / 8, 4h, 4w) from LLSIE are fused with the
       upscaled embedding before the hypernetwork product: ``"add"`` as in the released code,
       ``"concat"`` + 1x1 convolution as in the paper's text, ``"none"`` for the ablation without LLSIE.
@@ -73,7 +73,7 @@ class SPPMaskDecoder(MaskDecoder):
         """Masks ``(P, M, 4h, 4w)`` logits and IoU predictions ``(P, M)``.
 
         M = 1 + ``extra_outputs``: the single-mask token, then the first spare tokens (e.g. a boundary
-        map); M = 3, SAM's candidate masks, with ``multimask_output``.
+        map or a distance map); M = 3, SAM's candidate masks, with ``multimask_output``.
         """
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, low_level_features, image_cache

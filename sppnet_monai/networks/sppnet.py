@@ -23,7 +23,8 @@ from sppnet_monai.networks.mask_decoder import SPPMaskDecoder
 from sppnet_monai.utils import SPPNetError
 
 __all__ = [
-    "BOUNDARY_CHANNEL",
+    "INSTANCE_CHANNEL",
+    "INSTANCE_HEADS",
     "MASK_CHANNEL",
     "PIXEL_MEAN",
     "PIXEL_STD",
@@ -52,10 +53,12 @@ def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 # What a trained network's shape or meaning depends on: saved with its weights (see SPPNet.recipe).
-RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "boundary_head")
+RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head")
 
-# Output channels of a network with the boundary head: nuclei mask logits, then nucleus-boundary logits.
-MASK_CHANNEL, BOUNDARY_CHANNEL = 0, 1
+# What the instance head predicts (see SPPNet): nucleus contours, or each nucleus's normalised distance map.
+INSTANCE_HEADS = ("boundary", "distance")
+# Output channels of a network with an instance head: nuclei mask logits, then the instance head's logits.
+MASK_CHANNEL, INSTANCE_CHANNEL = 0, 1
 
 
 class ImageFeatures(NamedTuple):
@@ -146,11 +149,12 @@ class SPPNet(nn.Module):
         embed_dim: channels of the image embedding and prompt tokens (SAM: 256).
         multimask_output: return SAM's three candidate masks instead of the single one.
         drop_path_rate: stochastic depth in the image encoder.
-        boundary_head: also predict each nucleus's boundary (channel ``BOUNDARY_CHANNEL`` of the
-            output, from the first spare mask token of SAM's decoder): the contour-aware recipe of
-            DCAN / CDNet, whose watershed separates touching nuclei
-            (:func:`~sppnet_monai.postprocess.instances_from_boundary`). Same weights and keys as
-            without it, so any SPPNet checkpoint loads either way.
+        instance_head: also predict, from the first spare mask token of SAM's decoder (output
+            channel ``INSTANCE_CHANNEL``), a map that separates touching nuclei: ``"boundary"``, each
+            nucleus's contour (DCAN, CDNet), or ``"distance"``, each nucleus's distance to its own
+            border normalised to 1 at its centre (Naylor et al., HoVer-Net's idea in one channel),
+            whose cores seed the watershed (:mod:`~sppnet_monai.postprocess`). None: the mask alone.
+            Same weights and keys either way, so any SPPNet checkpoint loads into any of them.
     """
 
     in_channels = 5
@@ -163,16 +167,18 @@ class SPPNet(nn.Module):
         embed_dim: int = 256,
         multimask_output: bool = False,
         drop_path_rate: float = 0.0,
-        boundary_head: bool = False,
+        instance_head: Optional[str] = None,
     ) -> None:
         super().__init__()
         check_image_size(image_size)
-        if boundary_head and multimask_output:
-            raise ValueError("boundary_head uses a spare mask token of the decoder: it cannot go with multimask_output.")
+        if instance_head not in (None, *INSTANCE_HEADS):
+            raise ValueError(f"instance_head must be None or one of {INSTANCE_HEADS}, got {instance_head!r}.")
+        if instance_head and multimask_output:
+            raise ValueError("the instance head uses a spare mask token of the decoder: it cannot go with multimask_output.")
         stride = TinyViTImageEncoder.stride
         self.image_size = image_size
         self.multimask_output = multimask_output
-        self._recipe = {"image_size": int(image_size), "fusion": fusion, "encoder_name": encoder_name, "embed_dim": int(embed_dim), "boundary_head": bool(boundary_head)}
+        self._recipe = {"image_size": int(image_size), "fusion": fusion, "encoder_name": encoder_name, "embed_dim": int(embed_dim), "instance_head": instance_head}
         self.loaded_recipe: Optional[Dict[str, Any]] = None
         embedding_size = image_size // stride
         self.image_encoder = TinyViTImageEncoder(encoder_name, out_chans=embed_dim, drop_path_rate=drop_path_rate)
@@ -184,7 +190,7 @@ class SPPNet(nn.Module):
         )
         self.mask_decoder = SPPMaskDecoder(
             fusion=fusion,
-            extra_outputs=int(boundary_head),
+            extra_outputs=int(instance_head is not None),
             transformer_dim=embed_dim,
             transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
             num_multimask_outputs=3,
@@ -219,8 +225,8 @@ class SPPNet(nn.Module):
         return self.mask_decoder.fusion
 
     @property
-    def boundary_head(self) -> bool:
-        return bool(self.mask_decoder.extra_outputs)
+    def instance_head(self) -> Optional[str]:
+        return self._recipe["instance_head"]
 
     @property
     def recipe(self) -> Dict[str, Any]:
@@ -293,8 +299,8 @@ class SPPNet(nn.Module):
         return self.decode(self.encode(image), point_coords, point_labels, multimask_output)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Mask logits ``(B, 1, H, W)`` of ``image`` ``(B, 5, H, W)``; ``(B, 2, H, W)`` (mask, boundary) with
-        ``boundary_head``, ``(B, 3, H, W)`` with ``multimask_output``."""
+        """Mask logits ``(B, 1, H, W)`` of ``image`` ``(B, 5, H, W)``; ``(B, 2, H, W)`` (mask, instance map)
+        with an ``instance_head``, ``(B, 3, H, W)`` with ``multimask_output``."""
         _check_image(image, self.in_channels, self.image_size)
         return self.decode_guidance(self.encode(image[:, :3]), image[:, 3:5])
 

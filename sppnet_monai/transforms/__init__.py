@@ -10,7 +10,7 @@ from .auto_click import AutoClickd, choose_clicks, hematoxylin_mask
 from .image import EnsureRGB, EnsureRGBd
 from .prompt import AddClickGuidanceChannelsd, CenterNeighborhoodPointSampled, nucleus_center
 from .stain import RandHEDJitter, RandHEDJitterd
-from .targets import NucleiBoundaryTarget, NucleiBoundaryTargetd
+from .targets import NucleiInstanceTarget, NucleiInstanceTargetd, normalised_distance
 
 __all__ = [
     "AddClickGuidanceChannelsd",
@@ -20,8 +20,9 @@ __all__ = [
     "EnsureRGB",
     "EnsureRGBd",
     "hematoxylin_mask",
-    "NucleiBoundaryTarget",
-    "NucleiBoundaryTargetd",
+    "NucleiInstanceTarget",
+    "NucleiInstanceTargetd",
+    "normalised_distance",
     "RandHEDJitter",
     "RandHEDJitterd",
     "nucleus_center",

@@ -1,4 +1,4 @@
-"""Training targets for the boundary head: nuclei mask, nucleus boundaries, and where boundaries are known."""
+"""Training targets of the instance head: nuclei mask, a map separating touching nuclei, and where it is known."""
 
 from __future__ import annotations
 
@@ -9,60 +9,93 @@ import numpy as np
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
+from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
 from sppnet_monai.data.instances import INSTANCE_SOURCE_KEY, SEPARATE_NUCLEI_SOURCES
 
-__all__ = ["NucleiBoundaryTarget", "NucleiBoundaryTargetd"]
+__all__ = ["NucleiInstanceTarget", "NucleiInstanceTargetd", "normalised_distance"]
+
+TARGET_KINDS = ("boundary", "distance")
 
 
-class NucleiBoundaryTarget(Transform):
-    """Instance label map ``(1, H, W)`` -> targets ``(3, H, W)``: nuclei mask, boundaries, boundary weight.
+def normalised_distance(labels: np.ndarray) -> np.ndarray:
+    """``(H, W)`` float32: each nucleus's Euclidean distance to the nearest pixel outside it (other nuclei
+    included), divided by its own maximum, so 1 at every nucleus's centre and small at its border; 0 outside."""
+    out = np.zeros(labels.shape, dtype=np.float32)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        # One pixel of margin so that the bounding box's edge counts as outside only where the image ends.
+        padded = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        inside = labels[padded] == index
+        distance = ndimage.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+        out[padded][inside] = (distance[inside] / distance.max()).astype(np.float32)
+    return out
 
-    The boundary is every nucleus pixel next to another label (:func:`skimage.segmentation.find_boundaries`,
-    ``mode="inner"``): between two touching nuclei, a line two pixels wide, one from each. The weight
-    is 1 where the boundary target can be trusted, 0 elsewhere, so a loss learns boundaries only from
+
+class NucleiInstanceTarget(Transform):
+    """Instance label map ``(1, H, W)`` -> targets ``(3, H, W)``: nuclei mask, instance map, its weight.
+
+    The instance map (what the instance head learns, see ``SPPNet(instance_head=...)``) is:
+
+    - ``"boundary"``: every nucleus pixel next to another label (:func:`skimage.segmentation.find_boundaries`,
+      ``mode="inner"``): its contour, and between two touching nuclei a line two pixels wide;
+    - ``"distance"``: :func:`normalised_distance`, 1 at each nucleus's centre, falling to its border, so
+      touching nuclei are two hills with a valley between them.
+
+    The weight is 1 where the instance map can be trusted, 0 elsewhere, so a loss learns it only from
     images whose nuclei were outlined one by one.
 
     Args:
-        label: ``(1, H, W)`` or ``(H, W)`` integer ids, 0 = background.
-        boundaries_known: whether ids separate touching nuclei (outlines, not a binary mask's components).
+        kind: ``"boundary"`` or ``"distance"``.
     """
 
-    def __call__(self, label: NdarrayOrTensor, boundaries_known: bool = True) -> NdarrayOrTensor:
+    def __init__(self, kind: str = "distance") -> None:
+        if kind not in TARGET_KINDS:
+            raise ValueError(f"kind must be one of {TARGET_KINDS}, got {kind!r}.")
+        self.kind = kind
+
+    def __call__(self, label: NdarrayOrTensor, separates_nuclei: bool = True) -> NdarrayOrTensor:
+        """``label``: ``(1, H, W)`` or ``(H, W)`` integer ids, 0 = background; ``separates_nuclei``: whether its
+        ids separate touching nuclei (outlines, not a binary mask's connected components)."""
         ids = convert_to_numpy(label)
         ids = ids[0] if ids.ndim == 3 and ids.shape[0] == 1 else ids
         if ids.ndim != 2:
-            raise ValueError(f"NucleiBoundaryTarget expects a (1, H, W) instance label map, got shape {tuple(np.shape(label))}.")
+            raise ValueError(f"NucleiInstanceTarget expects a (1, H, W) instance label map, got shape {tuple(np.shape(label))}.")
         ids = np.rint(ids).astype(np.int64) if np.issubdtype(ids.dtype, np.floating) else ids.astype(np.int64)
         nuclei = ids > 0
-        boundary = find_boundaries(ids, connectivity=1, mode="inner") & nuclei
-        weight = np.full(ids.shape, float(boundaries_known), dtype=np.float32)
-        targets = np.stack([nuclei, boundary]).astype(np.float32)
-        out, *_ = convert_to_dst_type(np.concatenate([targets, weight[None]]), label, dtype=np.float32)
+        if self.kind == "boundary":
+            instance_map = (find_boundaries(ids, connectivity=1, mode="inner") & nuclei).astype(np.float32)
+        else:
+            instance_map = normalised_distance(ids)
+        weight = np.full(ids.shape, float(separates_nuclei), dtype=np.float32)
+        targets = np.stack([nuclei.astype(np.float32), instance_map, weight])
+        out, *_ = convert_to_dst_type(targets, label, dtype=np.float32)
         return out
 
 
-class NucleiBoundaryTargetd(MapTransform):
-    """Dictionary wrapper of :class:`NucleiBoundaryTarget`; the entry's instance source (``prepare``'s
-    datalist ``instances``: ``"xml"``, ``"connected_components"``, ...) says whether its boundaries are
-    known (``SEPARATE_NUCLEI_SOURCES``); an entry without one counts as known.
+class NucleiInstanceTargetd(MapTransform):
+    """Dictionary wrapper of :class:`NucleiInstanceTarget`; the entry's instance source (``prepare``'s
+    datalist ``instances``: ``"xml"``, ``"connected_components"``, ...) says whether its ids separate
+    touching nuclei (``SEPARATE_NUCLEI_SOURCES``); an entry without one counts as separating them.
 
     Args:
         keys: instance label maps ``(1, H, W)``, replaced by their ``(3, H, W)`` targets.
+        kind: ``"boundary"`` or ``"distance"``.
         source_key: the datalist key holding the instance source.
     """
 
     def __init__(
-        self, keys: KeysCollection = "label", source_key: str = INSTANCE_SOURCE_KEY, allow_missing_keys: bool = False
+        self, keys: KeysCollection = "label", kind: str = "distance", source_key: str = INSTANCE_SOURCE_KEY, allow_missing_keys: bool = False
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.source_key = source_key
-        self.target = NucleiBoundaryTarget()
+        self.target = NucleiInstanceTarget(kind)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        known = str(d.get(self.source_key, SEPARATE_NUCLEI_SOURCES[0])) in SEPARATE_NUCLEI_SOURCES
+        separates = str(d.get(self.source_key, SEPARATE_NUCLEI_SOURCES[0])) in SEPARATE_NUCLEI_SOURCES
         for key in self.key_iterator(d):
-            d[key] = self.target(d[key], known)
+            d[key] = self.target(d[key], separates)
         return d

@@ -1,4 +1,4 @@
-"""The boundary head: targets, loss, network output, watershed, recipe, release files and the shipped model."""
+"""The instance head: targets, loss, network output, watershed, recipe, release files and the shipped model."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from monai.inferers import SlidingWindowInferer
 
 from sppnet_monai.data.prepare import prepare_demo
 from sppnet_monai.evaluate import run_evaluate, window_grid
-from sppnet_monai.losses import MaskBoundaryLoss
-from sppnet_monai.networks import BOUNDARY_CHANNEL, MASK_CHANNEL, SPPNet
+from sppnet_monai.losses import MaskInstanceLoss
+from sppnet_monai.networks import INSTANCE_CHANNEL, MASK_CHANNEL, SPPNet
 from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe, read_release, save_release
-from sppnet_monai.postprocess import instances_from_boundary, instances_from_semantic
+from sppnet_monai.postprocess import instances_from_head, instances_from_semantic
 from sppnet_monai.predict import DEFAULT_CONFIG, Predictor
-from sppnet_monai.transforms import NucleiBoundaryTarget, NucleiBoundaryTargetd, RandHEDJitterd
+from sppnet_monai.transforms import NucleiInstanceTarget, NucleiInstanceTargetd, RandHEDJitterd
 from sppnet_monai.utils import SPPNetError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,87 +32,94 @@ def touching_nuclei() -> np.ndarray:
     return labels
 
 
-def test_boundary_target_separates_touching_nuclei():
-    targets = NucleiBoundaryTarget()(touching_nuclei()[None])
+@pytest.mark.parametrize("kind", ["boundary", "distance"])
+def test_instance_target_separates_touching_nuclei(kind):
+    targets = NucleiInstanceTarget(kind)(touching_nuclei()[None])
     assert targets.shape == (3, 16, 24)
-    nuclei, boundary, weight = targets
+    nuclei, instance_map, weight = targets
     np.testing.assert_array_equal(nuclei, touching_nuclei() > 0)
-    assert boundary[:, 10:12].all(axis=1)[4:12].all(), "the line where the nuclei touch is boundary, from both sides"
-    assert not boundary[touching_nuclei() == 0].any()
+    assert not instance_map[touching_nuclei() == 0].any() and (weight == 1).all()
+    cores = (nuclei > 0) & ((instance_map == 0) if kind == "boundary" else (instance_map > 0.5))
     from scipy import ndimage
 
-    assert ndimage.label((nuclei > 0) & (boundary == 0))[1] == 2  # mask minus boundary: one core per nucleus
-    assert (weight == 1).all()
+    assert ndimage.label(cores)[1] == 2  # one core per nucleus, though the mask is one blob
+    if kind == "boundary":
+        assert instance_map[4:12, 10:12].all(), "the line where the nuclei touch is boundary, from both sides"
+    else:
+        assert instance_map.max() == 1.0 and (instance_map[4:12, 10:12] < 0.3).all(), "a valley where they touch"
 
 
-def test_boundary_target_is_ignored_where_nuclei_come_from_a_binary_mask():
-    d = NucleiBoundaryTargetd("label")({"label": touching_nuclei()[None], "instances": "connected_components"})
+def test_instance_target_is_ignored_where_nuclei_come_from_a_binary_mask():
+    d = NucleiInstanceTargetd("label")({"label": touching_nuclei()[None], "instances": "connected_components"})
     assert (d["label"][2] == 0).all()
-    d = NucleiBoundaryTargetd("label")({"label": torch.as_tensor(touching_nuclei()[None]), "instances": "xml"})
+    d = NucleiInstanceTargetd("label")({"label": torch.as_tensor(touching_nuclei()[None]), "instances": "xml"})
     assert isinstance(d["label"], torch.Tensor) and (d["label"][2] == 1).all()
+    with pytest.raises(ValueError, match="kind"):
+        NucleiInstanceTarget("contour")
 
 
-def test_loss_learns_boundaries_only_where_they_are_known():
-    loss = MaskBoundaryLoss("dice_ce")
-    target = torch.as_tensor(np.stack([NucleiBoundaryTarget()(touching_nuclei()[None])] * 2))
-    target[1, 2] = 0  # the second sample's boundaries are unknown
+def test_loss_learns_the_instance_map_only_where_it_is_known():
+    loss = MaskInstanceLoss("dice_ce")
+    target = torch.as_tensor(np.stack([NucleiInstanceTarget()(touching_nuclei()[None])] * 2))
+    target[1, 2] = 0  # the second sample's instances are unknown
     pred = torch.randn(2, 2, 16, 24, requires_grad=True)
     loss(pred, target).backward()
     assert pred.grad[0, 1].abs().sum() > 0 and pred.grad[1, 1].abs().sum() == 0
     assert pred.grad[1, 0].abs().sum() > 0  # the mask is learnt from every image
     single = torch.randn(2, 1, 16, 24)
-    assert torch.isclose(MaskBoundaryLoss("dice")(single, target[:, :1]), MaskBoundaryLoss("dice")(single, target))
+    assert torch.isclose(MaskInstanceLoss("dice")(single, target[:, :1]), MaskInstanceLoss("dice")(single, target))
     with pytest.raises(ValueError, match="mask_loss"):
-        MaskBoundaryLoss("focal")
+        MaskInstanceLoss("focal")
 
 
-def test_watershed_on_the_boundary_map_separates_what_the_distance_watershed_merges():
+@pytest.mark.parametrize("kind", ["boundary", "distance"])
+def test_watershed_on_the_head_map_separates_what_the_distance_watershed_merges(kind):
     labels = np.zeros((20, 40), dtype=np.int32)
     labels[4:16, 4:20] = 1  # two 12x16 rectangles sharing an edge: no neck for the distance transform
     labels[4:16, 20:36] = 2
-    boundary = NucleiBoundaryTarget()(labels[None])[1]
+    head = NucleiInstanceTarget(kind)(labels[None])[1]
     from sppnet_monai.metrics import aggregated_jaccard_index
 
     assert instances_from_semantic(labels > 0).max() == 1
-    split = instances_from_boundary(labels > 0, boundary)
+    split = instances_from_head(labels > 0, head, kind)
     assert split.max() == 2 and aggregated_jaccard_index(split, labels) == 1.0
-    assert instances_from_boundary(np.zeros((8, 8)), np.zeros((8, 8))).max() == 0
+    assert instances_from_head(np.zeros((8, 8)), np.zeros((8, 8)), kind).max() == 0
     with pytest.raises(SPPNetError, match="same shape"):
-        instances_from_boundary(labels > 0, boundary[:5])
+        instances_from_head(labels > 0, head[:5], kind)
 
 
-def test_network_with_boundary_head_outputs_mask_and_boundary_and_loads_old_checkpoints(tmp_path):
+def test_network_with_instance_head_outputs_two_channels_and_loads_old_checkpoints(tmp_path):
     torch.manual_seed(0)
-    net = SPPNet(image_size=64, boundary_head=True).eval()
+    net = SPPNet(image_size=64, instance_head="distance").eval()
     image = torch.zeros(2, 5, 64, 64)
     image[:, 3, 30, 30] = 1.0
     out = net(image)
-    assert out.shape == (2, 2, 64, 64) and (MASK_CHANNEL, BOUNDARY_CHANNEL) == (0, 1)
+    assert out.shape == (2, 2, 64, 64) and (MASK_CHANNEL, INSTANCE_CHANNEL) == (0, 1)
     plain = SPPNet(image_size=64).eval()
     plain.load_state_dict(net.state_dict(), strict=False)
     torch.testing.assert_close(plain(image), out[:, :1])  # the mask channel is the plain network's output
     # A checkpoint of a network without the head, saved before recipes existed (no _extra_state), loads into one with it.
     old = {k: v for k, v in plain.state_dict().items() if k != "_extra_state"}
     torch.save(old, tmp_path / "old.pt")
-    fresh = SPPNet(image_size=64, boundary_head=True)
+    fresh = SPPNet(image_size=64, instance_head="distance")
     assert load_checkpoint(fresh, tmp_path / "old.pt") == "sppnet"
     torch.save(net.state_dict(), tmp_path / "new.pt")
-    assert read_recipe(tmp_path / "new.pt")["boundary_head"] is True
+    assert read_recipe(tmp_path / "new.pt")["instance_head"] == "distance"
     with pytest.raises(ValueError, match="multimask_output"):
-        SPPNet(image_size=64, boundary_head=True, multimask_output=True)
+        SPPNet(image_size=64, instance_head="distance", multimask_output=True)
 
 
 def test_release_file_is_float16_with_recipe_and_provenance(tmp_path):
     torch.manual_seed(1)
-    net = SPPNet(image_size=64, boundary_head=True).eval()
+    net = SPPNet(image_size=64, instance_head="distance").eval()
     torch.save(net.state_dict(), tmp_path / "model.pt")
     release = save_release(tmp_path / "model.pt", tmp_path / "release.pt", {"command": "train it", "license": "CC BY-NC-SA 4.0"})
     assert release == read_release(tmp_path / "release.pt") and release["command"] == "train it"
-    assert read_recipe(tmp_path / "release.pt")["boundary_head"] is True
+    assert read_recipe(tmp_path / "release.pt")["instance_head"] == "distance"
     state = torch.load(tmp_path / "release.pt", weights_only=True)
     assert {v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()} == {torch.float16}
     assert (tmp_path / "release.pt").stat().st_size < 0.55 * (tmp_path / "model.pt").stat().st_size
-    loaded = SPPNet(image_size=64, boundary_head=True).eval()
+    loaded = SPPNet(image_size=64, instance_head="distance").eval()
     load_checkpoint(loaded, tmp_path / "release.pt")
     image = torch.rand(1, 5, 64, 64)
     image[:, 3:] = 0
@@ -158,7 +165,7 @@ def test_evaluate_both_protocols_and_the_classical_baseline(tmp_path):
     prepare_demo(data, num_images=3, image_size=96, seed=2, val_fraction=0.34)
     torch.manual_seed(0)
     (tmp_path / "weights").mkdir()
-    torch.save(SPPNet(image_size=64, boundary_head=True).state_dict(), tmp_path / "model.pt")
+    torch.save(SPPNet(image_size=64, instance_head="distance").state_dict(), tmp_path / "model.pt")
     ckpt = str(tmp_path / "model.pt")
     prompted = run_evaluate(str(data), str(tmp_path / "p"), ckpt, protocol="prompted")
     automatic = run_evaluate(str(data), str(tmp_path / "a"), ckpt, protocol="automatic")
@@ -198,5 +205,5 @@ def test_shipped_model_is_the_default_and_says_where_it_comes_from():
     assert "CC BY-NC-SA 4.0" in release["license"] and "monai.bundle run training" in release["command"]
     assert SHIPPED.stat().st_size <= 25 * 2**20
     predictor = Predictor()
-    assert Path(predictor.checkpoint) == SHIPPED and predictor.network.boundary_head == read_recipe(SHIPPED)["boundary_head"]
+    assert Path(predictor.checkpoint) == SHIPPED and predictor.network.instance_head == read_recipe(SHIPPED)["instance_head"] == "distance"
     assert Path(DEFAULT_CONFIG).parent.parent == SHIPPED.parent.parent
