@@ -205,5 +205,5 @@ def test_shipped_model_is_the_default_and_says_where_it_comes_from():
     assert "CC BY-NC-SA 4.0" in release["license"] and "monai.bundle run training" in release["command"]
     assert SHIPPED.stat().st_size <= 25 * 2**20
     predictor = Predictor()
-    assert Path(predictor.checkpoint) == SHIPPED and predictor.network.instance_head == read_recipe(SHIPPED)["instance_head"] == "distance"
+    assert Path(predictor.checkpoint) == SHIPPED and predictor.network.instance_head == read_recipe(SHIPPED)["instance_head"] and predictor.image_size == 256
     assert Path(DEFAULT_CONFIG).parent.parent == SHIPPED.parent.parent
