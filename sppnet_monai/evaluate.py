@@ -87,7 +87,8 @@ def run_evaluate(
                 image, mask, instances = None, *classical_segmentation(entry["image"])
             else:
                 clicks = window_clicks(truth, sampler, predictor) if protocol == "prompted" else {}
-                image, mask, instances = segment_with_clicks(predictor, entry["image"], **clicks)
+                # Later draws only measure how Dice moves with the clicks: no nuclei to split.
+                image, mask, instances = segment_with_clicks(predictor, entry["image"], **clicks, split_nuclei=draw == 0)
             if draw == 0:
                 per_image.append(score_image(mask, truth, pred_instances=instances))
                 names.append(Path(entry["image"]).name)
@@ -122,10 +123,13 @@ def run_evaluate(
 
 
 def segment_with_clicks(
-    predictor: Predictor, image: str, foreground: list | None = None, background: list | None = None
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The network input ``(5, H, W)``, mask ``(H, W)`` bool and instances ``(H, W)`` int32 that evaluation scores."""
+    predictor: Predictor, image: str, foreground: list | None = None, background: list | None = None, split_nuclei: bool = True
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
+    """The network input ``(5, H, W)``, mask ``(H, W)`` bool and instances ``(H, W)`` int32 (None unless
+    ``split_nuclei``) that evaluation scores."""
     prepared = predictor.prepare({"image": image, "foreground": foreground or [], "background": background or []})
+    if not split_nuclei:
+        return prepared, predictor.segment(prepared), None
     return (prepared, *predictor.segment_instances(prepared))
 
 

@@ -153,10 +153,7 @@ def instances_from_head(
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
     inside, energy = (head < core_threshold, head) if kind == "boundary" else (head > core_threshold, -head)
-    cores = binary_to_instances(mask & inside)
-    small = np.bincount(cores.ravel()) < min_core_size
-    small[0] = False
-    cores[small[cores]] = 0
+    cores = _drop_small(binary_to_instances(mask & inside), min_core_size)
     labels = segmentation.watershed(energy, cores, mask=mask)
     return _finish(labels, mask, min_size)
 
@@ -166,9 +163,16 @@ def _finish(labels: np.ndarray, mask: np.ndarray, min_size: int) -> np.ndarray:
     # A blob without a seed (all boundary, say) is kept as its own nucleus instead of silently dropped.
     orphans, _ = ndimage.label(mask & (labels == 0))
     labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    # By label, not by connected component, and without skimage's remove_small_objects
-    # (its size argument changed meaning in 0.26).
+    return relabel_consecutive(_drop_small(labels, min_size), np.int32)
+
+
+def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """``labels`` with every label of fewer than ``min_size`` pixels set to 0, in place.
+
+    By label, not by connected component, and without skimage's remove_small_objects (its size
+    argument changed meaning in 0.26).
+    """
     too_small = np.bincount(labels.ravel()) < min_size
     too_small[0] = False
     labels[too_small[labels]] = 0
-    return relabel_consecutive(labels, np.int32)
+    return labels

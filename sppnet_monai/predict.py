@@ -97,7 +97,8 @@ class Predictor:
         self.head_postprocess = dict(parser.get_parsed_content("head_postprocess", default={}))
         self.flip_tta = bool(parser.get_parsed_content("flip_tta", default=False))
         self.split_by_head = bool(parser.get_parsed_content("split_by_head", default=True))
-        self.instance_head = getattr(self.network, "instance_head", None) or parser.get_parsed_content("instance_head", default=None)
+        # What the network's second channel is: the config's instance_head, which also built the network.
+        self.instance_head = parser.get_parsed_content("instance_head", default=None)
 
     @property
     def image_size(self) -> int:

@@ -44,7 +44,10 @@ from sppnet_monai.utils import SPPNetError, root_message
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClickSegmenter", "ImageNotFoundError", "choose_window", "nuclei_contours", "parse_clicks"]
+__all__ = ["ClickSegmenter", "ImageNotFoundError", "choose_window", "nuclei_contours", "parse_clicks", "served_checkpoint"]
+
+# Where the app's /train writes the model it then serves, relative to the bundle folder.
+TRAINED_CHECKPOINT = Path("models") / "model.pt"
 
 
 class ImageNotFoundError(SPPNetError):
@@ -119,6 +122,14 @@ def nuclei_contours(instances: np.ndarray) -> list[dict]:
     return nuclei
 
 
+def served_checkpoint(bundle_dir: Path) -> Path:
+    """The model the app serves: the bundle's own trained ``models/model.pt`` (``/train`` writes it) when
+    there is one, else the weights shipped with the bundle (``weights/sppnet_monuseg.pt``, inference.json's
+    ``shipped_checkpoint``)."""
+    trained = bundle_dir / TRAINED_CHECKPOINT
+    return trained if trained.is_file() else bundle_dir / "weights" / "sppnet_monuseg.pt"
+
+
 class ClickSegmenter:
     """A trained SPPNet bundle served click by click.
 
@@ -132,8 +143,6 @@ class ClickSegmenter:
     def __init__(self, bundle_dir: str | os.PathLike, cache_size: int = 8, **overrides: Any) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.config = self.bundle_dir / "configs" / "inference.json"
-        self.trained_checkpoint = self.bundle_dir / "models" / "model.pt"
-        self.shipped_checkpoint = self.bundle_dir / "weights" / "sppnet_monuseg.pt"
         self.cache_size = max(0, int(cache_size))
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
         self.encoder_runs = 0
@@ -163,9 +172,7 @@ class ClickSegmenter:
 
     @property
     def checkpoint(self) -> Path:
-        """The model served: the bundle's own trained ``models/model.pt`` (``/train`` writes it) when there
-        is one, else the weights shipped with the bundle (``weights/sppnet_monuseg.pt``)."""
-        return self.trained_checkpoint if self.trained_checkpoint.is_file() else self.shipped_checkpoint
+        return served_checkpoint(self.bundle_dir)
 
     @property
     def image_size(self) -> int:

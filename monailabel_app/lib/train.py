@@ -11,6 +11,8 @@ from typing import Any, Dict
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.engine import TRAINED_CHECKPOINT, served_checkpoint
+
 logger = logging.getLogger(__name__)
 
 VAL_FRACTION, SPLIT_SEED = 0.2, 0  # prepare's defaults
@@ -72,10 +74,9 @@ class SPPNetTrain(TrainTask):
         models = self.bundle_dir / "models"
         run_dir = models / "monailabel_runs" / time.strftime("%Y%m%d-%H%M%S")
         run_dir.mkdir(parents=True, exist_ok=True)
-        served = models / "model.pt"
+        served = self.bundle_dir / TRAINED_CHECKPOINT
         finetune = str(request.get("finetune", True)).lower() not in ("false", "0", "no")
-        # The model served now: the bundle's own trained one, else the shipped MoNuSeg weights.
-        current = served if served.is_file() else self.bundle_dir / "weights" / "sppnet_monuseg.pt"
+        current = served_checkpoint(self.bundle_dir)
         if finetune and current.is_file():
             from sppnet_monai.networks.checkpoints import read_recipe
 

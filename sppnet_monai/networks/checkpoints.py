@@ -229,7 +229,7 @@ def save_release(src: str | os.PathLike, dst: str | os.PathLike, provenance: Map
 
     Floating-point tensors are stored in float16 (half the size; networks load them into their float32
     parameters); the recipe stays in ``_extra_state`` and ``provenance`` (training command, data and
-    its licence, ...) joins it as ``release``. Returns what :func:`read_release` reads back.
+    its licence, ...) joins it as ``release``. Returns that ``release`` entry (what :func:`read_release` reads).
     """
     from sppnet_monai.utils import atomic_path
 
@@ -240,10 +240,11 @@ def save_release(src: str | os.PathLike, dst: str | os.PathLike, provenance: Map
     if not recipe:
         raise SPPNetError(f"checkpoint {src} records no recipe (saved before sppnet_monai 0.2): load and save it again first.")
     release = {k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in source.items()}
-    release[EXTRA_STATE_KEY] = {"recipe": recipe, "release": {**provenance, "storage_dtype": "float16"}}
+    provenance = {**provenance, "storage_dtype": "float16"}
+    release[EXTRA_STATE_KEY] = {"recipe": recipe, "release": provenance}
     with atomic_path(dst) as tmp:
         torch.save(release, tmp)
-    return read_release(dst)
+    return dict(provenance)
 
 
 def read_release(path: str | os.PathLike) -> Dict[str, object]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import pickle
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe
+from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe, read_state_dict
 from sppnet_monai.utils import SPPNetError
 
 logger = logging.getLogger(__name__)
@@ -96,10 +94,9 @@ def load_trained(net: nn.Module, checkpoint: str) -> nn.Module:
 
 def load_state_dict_file(net: nn.Module, checkpoint: str) -> nn.Module:
     """Load a plain state dict saved by the bundle's trainer (e.g. the U-Net baseline's ``model.pt``) into ``net``, strictly."""
-    if not Path(checkpoint).is_file():
-        raise SPPNetError(f"checkpoint {checkpoint} not found.")
+    state = read_state_dict(checkpoint)  # one line for a missing or unreadable file
     try:
-        net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    except (RuntimeError, pickle.UnpicklingError) as err:
+        net.load_state_dict(state)
+    except RuntimeError as err:
         raise SPPNetError(f"checkpoint {checkpoint} does not fit {type(net).__name__}: {str(err).splitlines()[0]}") from err
     return net
