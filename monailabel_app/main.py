@@ -18,7 +18,6 @@ Start it (the ``monailabel`` pip package, offline: nothing is downloaded)::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -29,13 +28,16 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib import routes
 from lib.engine import ClickSegmenter
-from lib.infer import SPPNetClickInfer
-from lib.train import SPPNetTrain
+from lib.infer import SPPNetClickInfer, check_wsi_request
+from sppnet_monai.utils import SPPNetError
+from lib.train import SPPNetTrain, train_in_subprocess
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "sppnet"
+CLICK_MODEL_NAME = "sppnet_click"
 
 
 class SPPNetApp(MONAILabelApp):
@@ -64,7 +66,12 @@ class SPPNetApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {MODEL_NAME: SPPNetClickInfer(self.segmenter)}
+        # One model, two entries for the QuPath extension: its rectangle command (any number of
+        # "Positive"/"Negative" points, zero included) and its click tool (a "nuclick" model).
+        return {
+            MODEL_NAME: SPPNetClickInfer(self.segmenter),
+            CLICK_MODEL_NAME: SPPNetClickInfer(self.segmenter, "SPPNet: every point is a click on a nucleus", nuclick=True),
+        }
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         return {MODEL_NAME: SPPNetTrain(str(self.bundle_dir), self.train_configs, self.train_defaults)}
@@ -79,23 +86,53 @@ class SPPNetApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown model {request['model']!r}; available: {sorted(self._infers)}")
         return super().infer(request, datastore)
 
+    def infer_wsi(self, request, datastore=None):
+        """MONAI Label's WSI protocol (QuPath ``output=asap``, DSA ``output=dsa``), its request checked first.
+
+        MONAI Label splits the region into tiles and calls the infer task per tile; here the request is
+        validated once (4xx with the reason), CPU-only machines are served (MONAI Label otherwise picks a
+        CUDA device that does not exist), and a plain image (which MONAI Label hands to ``infer`` whole)
+        still gets the ASAP XML / DSA JSON the plugins parse.
+        """
+        import torch
+        from monailabel.utils.others.generic import is_openslide_supported
+        from monailabel.utils.others.pathology import create_asap_annotations_xml, create_dsa_annotations_json
+
+        request = dict(request)
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise HTTPException(status_code=400, detail="give the slide: ?image=<datastore id> (or upload it as 'file' to /infer/wsi_v2).")
+        path = image if os.path.exists(image) else (datastore or self.datastore()).get_image_uri(image)
+        if not path or not os.path.exists(path):
+            raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: GET /datastore/?output=all lists the ids.")
+        try:
+            check_wsi_request(request, path)
+        except SPPNetError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from err
+        if not torch.cuda.is_available():
+            request.update(multi_gpu=False, device="cpu")
+        if is_openslide_supported(path):
+            return super().infer_wsi(request, datastore)
+        tile = self.infer({**request, "image": path, "result_write_to_file": False}, datastore)["params"]
+        result = {
+            "annotations": [tile], "name": f"MONAILabel Annotations - {model}", "description": self._infers[model].description,
+            "model": model, "location": request.get("location"), "size": request.get("size"), "latencies": tile["latencies"],
+        }
+        writer = {"asap": create_asap_annotations_xml, "dsa": create_dsa_annotations_json}.get(request.get("output"))
+        return {"file": writer(result)[0] if writer else None, "params": result}
+
+    def train(self, request):
+        # MONAI Label calls this in the server for run_sync=true: train in a child process instead, as
+        # its background tasks do, so that the server does not keep the training's memory.
+        if self._server_mode:
+            return train_in_subprocess(request)
+        return super().train(request)
+
     def on_init_complete(self):
         super().on_init_complete()
-        _answer_bad_json_with_400()
+        from monailabel.app import app  # the server's FastAPI app: this runs only in the server
 
-
-def _answer_bad_json_with_400() -> None:
-    """``params`` that are not JSON fail in MONAI Label's endpoint (``json.loads``) before the app runs,
-    as a bare 500; register a handler that answers 400 with the reason instead."""
-    try:
-        from fastapi.responses import JSONResponse
-        from monailabel.app import app as fastapi_app
-    except Exception:  # not running inside the server (e.g. the train subprocess)
-        return
-
-    async def bad_json(request, exc: json.JSONDecodeError):
-        return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
-
-    if json.JSONDecodeError not in fastapi_app.exception_handlers:
-        fastapi_app.add_exception_handler(json.JSONDecodeError, bad_json)
-        fastapi_app.middleware_stack = None  # Starlette built it at startup; rebuild it with the handler
+        routes.install(app)

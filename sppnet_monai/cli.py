@@ -7,6 +7,7 @@ Each command lives in the module of its concern; this file only wires them toget
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -124,19 +125,30 @@ class Commands:
         clicks: str | None = None,
         formats: str = "png",
         config: str | None = None,
+        region: str | None = None,
+        level: int = 0,
+        tile_size: int | None = None,
         **overrides,
     ) -> None:
-        """Nuclei masks and instance maps for images or folders (any size: tiled beyond image_size).
+        """Nuclei masks and instance maps for images or folders; nuclei polygons for whole-slide images.
 
         Clicks come from ``--clicks`` (JSON or CSV, see the README) or are chosen automatically;
-        ``--formats png,tif,nii``; ``--checkpoint`` defaults to the inference config's; other
-        ``--id value`` pairs override the inference config (e.g. ``--threshold 0.4``; ``image_size``
-        comes from the checkpoint).
+        ``--formats png,tif,nii`` (masks of plain images) and/or ``geojson`` (QuPath GeoJSON + CSV of the
+        nuclei, for any input; the only output for slides). Slides (anything OpenSlide reads) go tile by
+        tile: ``--region x,y,w,h`` (level-0 pixels, default the whole slide) read at ``--level``, in tiles of
+        ``--tile_size`` pixels (default: the config's ``slide_inference``).
+        ``--checkpoint`` defaults to the inference config's; other ``--id value`` pairs override the
+        inference config (e.g. ``--threshold 0.4``; ``image_size`` comes from the checkpoint). Under
+        ``torchrun`` the inputs are shared out between the processes.
         """
         from sppnet_monai.predict import DEFAULT_CONFIG, run_predict
 
         formats = formats.split(",") if isinstance(formats, str) else list(formats)
-        _report(run_predict(inputs, output_dir, checkpoint, clicks, formats, config or DEFAULT_CONFIG, **overrides))
+        if isinstance(region, tuple):  # fire parses 1,2,3,4 as a tuple
+            region = ",".join(str(v) for v in region)
+        summary = run_predict(inputs, output_dir, checkpoint, clicks, formats, config or DEFAULT_CONFIG, region, level, tile_size, **overrides)
+        if int(os.environ.get("RANK", "0")) == 0:  # one report for a torchrun job
+            _report(summary)
 
 
 def main(argv: list[str] | None = None) -> None:

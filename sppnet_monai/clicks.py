@@ -23,8 +23,11 @@ from sppnet_monai.utils import SPPNetError
 __all__ = ["click_pixels", "first_in_scan_order"]
 
 
-def click_pixels(clicks: Any, width: int, height: int, name: str = "click", where: str = "the image") -> np.ndarray:
-    """The pixels ``(N, 2)`` int64 ``(col, row)`` of ``clicks`` (``[[x, y], ...]``) in a ``width x height`` image.
+def click_pixels(
+    clicks: Any, width: int, height: int, name: str = "click", where: str = "the image", origin: tuple[int, int] = (0, 0)
+) -> np.ndarray:
+    """The pixels ``(N, 2)`` int64 ``(col, row)`` of ``clicks`` (``[[x, y], ...]``) in a ``width x height`` image
+    (or in the ``width x height`` region at ``origin`` of a slide).
 
     Raises:
         SPPNetError: (one line) for clicks that are not ``[x, y]`` pairs of finite numbers, or that lie
@@ -39,9 +42,12 @@ def click_pixels(clicks: Any, width: int, height: int, name: str = "click", wher
     if xy is None or xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
         raise SPPNetError(f"{name} clicks must be a list of [x, y] pairs of numbers, got {clicks!r}.")
     pixels = np.floor(xy + 0.5)
-    outside = (pixels[:, 0] < 0) | (pixels[:, 0] >= width) | (pixels[:, 1] < 0) | (pixels[:, 1] >= height)
+    x0, y0 = origin
+    outside = (pixels[:, 0] < x0) | (pixels[:, 0] >= x0 + width) | (pixels[:, 1] < y0) | (pixels[:, 1] >= y0 + height)
     if outside.any():
         x, y = xy[int(np.argmax(outside))]
+        if origin != (0, 0):
+            raise SPPNetError(f"{name} click [{x:g}, {y:g}] is outside {where} (x={x0}, y={y0}, w={width}, h={height}).")
         raise SPPNetError(
             f"{name} click [{x:g}, {y:g}] is outside {where} ({width}x{height}, clicks are [x, y] with "
             f"-0.5 <= x < {width - 0.5:g} and -0.5 <= y < {height - 0.5:g})."

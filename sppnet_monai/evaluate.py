@@ -26,13 +26,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.data.utils import dense_patch_slices
-from monai.inferers.utils import _get_scan_interval
-from monai.utils import ensure_tuple_rep
 from tqdm import tqdm
 
 from sppnet_monai.data.image_io import read_mask, read_rgb, write_json, write_png
 from sppnet_monai.data.instances import INSTANCE_SOURCE_KEY, SEPARATE_NUCLEI_SOURCES
+from sppnet_monai.inferers import window_grid
 from sppnet_monai.metrics import dice_score, score_image, summarise
 from sppnet_monai.postprocess import instances_from_semantic
 from sppnet_monai.predict import DEFAULT_CONFIG, Predictor
@@ -131,14 +129,6 @@ def segment_with_clicks(
     if not split_nuclei:
         return prepared, predictor.segment(prepared), None
     return (prepared, *predictor.segment_instances(prepared))
-
-
-def window_grid(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
-    """The windows MONAI's ``SlidingWindowInferer`` visits on an image of ``shape`` (H, W), as slices of it."""
-    roi = [min(int(r), int(s)) for r, s in zip(roi_size, shape)]  # the inferer pads a smaller image to one window
-    # MONAI's own scan-interval rule (private in monai.inferers.utils), so the grid is exactly the inferer's.
-    interval = _get_scan_interval(tuple(shape), tuple(roi), len(shape), ensure_tuple_rep(overlap, len(shape)))
-    return [tuple(window) for window in dense_patch_slices(tuple(shape), tuple(roi), interval, return_slice=True)]
 
 
 def window_clicks(truth: np.ndarray, sampler, predictor: Predictor) -> dict:

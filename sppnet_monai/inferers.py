@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
-from monai.inferers import SlidingWindowInferer
 
+from monai.data.utils import dense_patch_slices
+from monai.inferers import SlidingWindowInferer
+from monai.inferers.utils import _get_scan_interval
 from monai.utils import ensure_tuple_rep
 
 from sppnet_monai.networks.sppnet import SPPNet, denormalize_rgb
 from sppnet_monai.transforms import choose_clicks
 
-__all__ = ["PromptedSlidingWindowInferer"]
+__all__ = ["PromptedSlidingWindowInferer", "window_grid"]
 
 
 class PromptedSlidingWindowInferer(SlidingWindowInferer):
@@ -50,3 +52,11 @@ class PromptedSlidingWindowInferer(SlidingWindowInferer):
                     x, y = clicks[0]
                     windows[index, channel, y, x] = 1.0
         return windows
+
+
+def window_grid(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
+    """The windows MONAI's ``SlidingWindowInferer`` visits on an image of ``shape`` (H, W), as slices of it."""
+    roi = [min(int(r), int(s)) for r, s in zip(roi_size, shape)]  # the inferer pads a smaller image to one window
+    # MONAI's own scan-interval rule (private in monai.inferers.utils), so the grid is exactly the inferer's.
+    interval = _get_scan_interval(tuple(shape), tuple(roi), len(shape), ensure_tuple_rep(overlap, len(shape)))
+    return [tuple(window) for window in dense_patch_slices(tuple(shape), tuple(roi), interval, return_slice=True)]

@@ -6,19 +6,26 @@ inferer), so the CLI and ``python -m monai.bundle run`` with that config give th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.transforms import AsDiscrete
+from monai.transforms import AsDiscrete, Compose
 from tqdm import tqdm
 
+from sppnet_monai.clicks import click_pixels
 from sppnet_monai.data.image_io import write_png
+from sppnet_monai.data.slides import Region, Slide, parse_region
+from sppnet_monai.nuclei import nuclei_records, read_jsonl, write_nuclei
 from sppnet_monai.postprocess import instances_from_head, instances_from_semantic
+from sppnet_monai.slide_inference import SlideSegmenter, level_region, tile_grid
+from sppnet_monai.transforms import AutoClickd
 from sppnet_monai.utils import SPPNetError, atomic_path, root_message, user_error
 from sppnet_monai.workflows.datasets import image_entry, read_clicks_file
 from sppnet_monai.workflows.setup import reuse_freed_memory
@@ -26,8 +33,9 @@ from sppnet_monai.workflows.setup import reuse_freed_memory
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "inference.json"
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-OUTPUT_FORMATS = ("png", "tif", "nii")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp") + (".svs", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
+OUTPUT_FORMATS = ("png", "tif", "nii")  # masks, for images that fit in memory
+GEOJSON = "geojson"  # nucleus polygons (QuPath GeoJSON) + their measurements (CSV), for any input
 
 
 def find_images(inputs: str | Sequence[str]) -> list[str]:
@@ -92,6 +100,9 @@ class Predictor:
             if cause is None:
                 raise
             raise cause from None
+        # The click encoding without the image-level AutoClickd: on slide tiles every window chooses its own
+        # automatic click (the inferer's rule), so that a nucleus does not depend on the tile that saw it.
+        self.click_encoding = Compose([t for t in self.prompt_preprocessing.transforms if not isinstance(t, AutoClickd)])
         self.discretize = AsDiscrete(threshold=self.threshold)
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
         self.head_postprocess = dict(parser.get_parsed_content("head_postprocess", default={}))
@@ -115,6 +126,10 @@ class Predictor:
         can be prompted again, as the MONAI Label app does with its cached windows.
         """
         return self.prompt_preprocessing({**loaded, "image": loaded["image"].clone()})["image"]
+
+    def encode_clicks(self, loaded: dict) -> torch.Tensor:
+        """Like :meth:`prompt`, but windows left without a click get theirs from the inferer, not from the whole image."""
+        return self.click_encoding({**loaded, "image": loaded["image"].clone()})["image"]
 
     def autocast(self) -> torch.autocast:
         """The precision bundle inference runs the network in: CUDA autocast when the config's ``amp`` is on."""
@@ -197,6 +212,33 @@ def write_outputs(output_dir: Path, stem: str, mask: np.ndarray, instances: np.n
     return written
 
 
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)`` under ``torchrun`` (a gloo process group on CPU, NCCL on GPUs), else ``(0, 1)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(summary: dict, world: int) -> dict:
+    """Rank 0's summary merged with every rank's (``torchrun``); the summary itself in one process."""
+    if world == 1:
+        return summary
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, summary)
+    merged = {**summary, "images": {}, "failed": {}, "ranks": world}
+    for part in parts:
+        merged["images"].update(part["images"])
+        merged["failed"].update(part["failed"])
+    return merged
+
+
 def run_predict(
     inputs: str | Sequence[str],
     output_dir: str,
@@ -204,28 +246,142 @@ def run_predict(
     clicks: str | None = None,
     formats: str | Sequence[str] = "png",
     config: str | os.PathLike = DEFAULT_CONFIG,
+    region: str | Sequence[int] | None = None,
+    level: int = 0,
+    tile_size: int | None = None,
     **overrides,
 ) -> dict:
-    """Predict every image of ``inputs``; an image that fails is reported and the others go on."""
+    """Predict every image of ``inputs``; an image that fails is reported and the others go on.
+
+    Whole-slide images (and any image given ``region`` or ``level``) go tile by tile through
+    :mod:`sppnet_monai.slide_inference` into ``geojson`` (GeoJSON + CSV of the nuclei); plain images
+    are segmented whole into masks (``png``, ``tif``, ``nii``) and/or ``geojson``. Under ``torchrun``
+    each process takes every ``WORLD_SIZE``-th input. The summary ends with the throughput.
+    """
     formats = [formats] if isinstance(formats, str) else list(formats)
-    unknown = sorted(set(formats) - set(OUTPUT_FORMATS))
+    unknown = sorted(set(formats) - set(OUTPUT_FORMATS) - {GEOJSON})
     if unknown:
-        raise SPPNetError(f"unknown output format(s) {unknown}; choose from {OUTPUT_FORMATS}.")
+        raise SPPNetError(f"unknown output format(s) {unknown}; choose from {OUTPUT_FORMATS + (GEOJSON,)}.")
+    region = parse_region(region)
     images = find_images(inputs)
     click_map = read_clicks_file(clicks) if clicks else {}
+    rank, world = _distributed()
     predictor = Predictor(checkpoint, config, **overrides)
     out = Path(output_dir)
     summary: dict = {"output_dir": str(out), "images": {}, "failed": {}}
-    for image in tqdm(images, desc="predict", unit="image"):
+    start, pixels, nuclei = time.perf_counter(), 0, 0
+    for image in tqdm(images[rank::world], desc="predict", unit="image", disable=len(images) == 1):
         try:
-            mask, instances = predictor.predict(image_entry(image, click_map))
+            with Slide(image) as slide:
+                if slide.is_slide or region is not None or level != 0:
+                    result = predict_slide(predictor, slide, out, formats, region, level, click_map.get(Path(image).name, {}), tile_size)
+                else:
+                    result = _predict_image(predictor, image, click_map, out, formats)
         except Exception as err:  # one bad image must not stop the others
+            if not isinstance(user_error(err) or err, (SPPNetError, OSError)):
+                raise  # a bug, not a bad input
             message = root_message(err)
             logger.warning("%s: skipped: %s", image, message)
             summary["failed"][image] = message
             continue
-        files = write_outputs(out, Path(image).stem, mask, instances, formats)
-        summary["images"][image] = {"nuclei": int(instances.max()), "nuclei_fraction": round(float(mask.mean()), 4), "files": files}
+        pixels += result.pop("pixels")
+        nuclei += result["nuclei"]
+        summary["images"][image] = result
+    seconds = time.perf_counter() - start
+    summary["throughput"] = {
+        "seconds": round(seconds, 2),
+        "megapixels_per_second": round(pixels / 1e6 / seconds, 3),
+        "nuclei_per_second": round(nuclei / seconds, 1),
+    }
+    summary = _gather(summary, world)
     if not summary["images"]:
         raise SPPNetError(f"no image could be processed ({len(summary['failed'])} failed; first: {next(iter(summary['failed'].values()), '')}).")
+    logger.info("throughput: %s", summary["throughput"])
     return summary
+
+
+def _predict_image(predictor: Predictor, image: str, click_map: dict, out: Path, formats: list[str]) -> dict:
+    """A plain image segmented whole: masks in the mask formats, nuclei in ``geojson``."""
+    mask, instances = predictor.predict(image_entry(image, click_map))
+    stem = Path(image).stem
+    files = write_outputs(out, stem, mask, instances, [f for f in formats if f != GEOJSON])
+    if GEOJSON in formats:
+        paths = out / f"{stem}_nuclei.geojson", out / f"{stem}_nuclei.csv"
+        write_nuclei(nuclei_records(instances), *paths)
+        files += [str(p) for p in paths]
+    return {"nuclei": int(instances.max()), "nuclei_fraction": round(float(mask.mean()), 4), "files": files, "pixels": mask.size}
+
+
+def predict_slide(
+    predictor: Predictor,
+    slide: Slide,
+    out: Path,
+    formats: Sequence[str] = (GEOJSON,),
+    region: Region | None = None,
+    level: int = 0,
+    clicks: dict | None = None,
+    tile_size: int | None = None,
+) -> dict:
+    """Nuclei of ``region`` (level-0 pixels; None: the whole slide) read at ``level``, streamed tile by tile into
+    ``<stem>_nuclei.geojson`` and ``<stem>_nuclei.csv``.
+
+    Finished tiles are appended to a hidden ``.<stem>_nuclei.partial.jsonl`` as they come; a run stopped
+    midway resumes from it (same slide, region, level and settings), and the outputs appear, complete,
+    only at the end. Clicks (``{"foreground": [[x, y]], "background": ...}``, level-0 pixels) must lie in the region.
+    """
+    if set(formats) != {GEOJSON}:
+        raise SPPNetError(
+            f"{slide.path.name}: whole-slide images and regions are written as --formats geojson (nucleus polygons), "
+            f"not as masks {sorted(set(formats) - {GEOJSON})}."
+        )
+    settings = dict(predictor.parser.get_parsed_content("slide_inference", default={}))
+    if tile_size is not None:
+        settings["tile_size"] = tile_size
+    segmenter = SlideSegmenter(predictor, **settings)
+    clicks = clicks or {}
+    area, scale = level_region(slide, region, level)
+    bounds = region or (0, 0, *slide.size(0))
+    for kind in ("foreground", "background"):
+        click_pixels(clicks.get(kind, []), bounds[2], bounds[3], kind, f"the region of {slide.path.name}", origin=bounds[:2])
+    stem = slide.path.stem
+    partial = out / f".{stem}_nuclei.partial.jsonl"
+    stat = slide.path.stat()
+    header = {
+        "slide": str(slide.path.resolve()), "stamp": [stat.st_mtime_ns, stat.st_size], "region": list(bounds), "level": level,
+        "settings": settings, "checkpoint": str(predictor.checkpoint), "clicks": clicks,
+    }
+    done = _resume(partial, header)
+    tiles = tile_grid(area, segmenter.tile_size)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(partial, "a") as log:
+        if done == 0:
+            log.truncate(0)
+            log.write(json.dumps(header) + "\n")
+        progress = tqdm(total=len(tiles), initial=done, desc=f"{stem} tiles", unit="tile")
+        for index, _, records in segmenter.segment_region(slide, bounds, level, clicks.get("foreground", []), clicks.get("background", []), skip=done):
+            log.write(json.dumps({"tile": index, "nuclei": records}) + "\n")
+            log.flush()
+            progress.update()
+        progress.close()
+    paths = out / f"{stem}_nuclei.geojson", out / f"{stem}_nuclei.csv"
+    records = (record for line in list(read_jsonl(partial))[1:] for record in line["nuclei"])
+    count = write_nuclei(records, *paths, mpp=slide.mpp)
+    partial.unlink()
+    return {
+        "nuclei": count, "region": list(bounds), "level": level, "tiles": len(tiles), "resumed_tiles": done,
+        "files": [str(p) for p in paths], "pixels": area[2] * area[3],
+    }
+
+
+def _resume(partial: Path, header: dict) -> int:
+    """How many tiles a previous run of the same job finished (0 without a matching partial file)."""
+    if not partial.is_file():
+        return 0
+    lines = list(read_jsonl(partial))
+    if not lines or json.loads(json.dumps(header)) != lines[0]:
+        return 0
+    tiles = [line["tile"] for line in lines[1:]]
+    if tiles != list(range(len(tiles))):
+        return 0
+    logger.info("%s: resuming after %d finished tiles", partial.name, len(tiles))
+    return len(tiles)

@@ -18,7 +18,8 @@ from sppnet_monai.utils import SPPNetError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "monailabel_app"))
 
-from lib.engine import ClickSegmenter, ImageNotFoundError, choose_window, nuclei_contours, parse_clicks  # noqa: E402
+from sppnet_monai.nuclei import nuclei_records  # noqa: E402
+from lib.engine import ClickSegmenter, ImageNotFoundError, choose_window, parse_clicks  # noqa: E402
 
 SIZE = 64
 
@@ -107,11 +108,14 @@ def test_contours_outline_each_nucleus_in_image_pixels():
     instances = np.zeros((40, 50), np.int32)
     instances[10:20, 30:40] = 1
     instances[25:35, 5:12] = 2
-    nuclei = nuclei_contours(instances)
+    nuclei = nuclei_records(instances)
     assert [n["id"] for n in nuclei] == [1, 2] and nuclei[0]["area"] == 100
     xs, ys = np.array(nuclei[0]["contour"]).T
     assert 29 <= xs.min() and xs.max() <= 40 and 9 <= ys.min() and ys.max() <= 20
-    assert nuclei[1]["centroid"] == [8.0, 29.5]
+    assert nuclei[1]["centroid"] == [8.0, 29.5] and nuclei[0]["contour"][0] == nuclei[0]["contour"][-1]  # a closed ring
+    # Read at level 1 (downsample 2) of a region at (100, 60): level-0 slide pixels; only the kept centroids.
+    scaled = nuclei_records(instances, origin=(100, 60), scale=2.0, keep=lambda x, y: x > 20)
+    assert [n["id"] for n in scaled] == [1] and scaled[0]["area"] == 400 and scaled[0]["centroid"] == [100 + 2 * 34.5, 60 + 2 * 14.5]
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,9 @@ from monai.bundle import ConfigWorkflow  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sppnet_monai.data.prepare import prepare_demo  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "monailabel_app"))
+from serve import rss_kib, running_server  # noqa: E402
 from sppnet_monai.transforms.prompt import nucleus_center  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -32,19 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 APP = REPO / "monailabel_app"
 MODEL = "sppnet"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return -1
 
 
 @pytest.fixture(scope="module")
@@ -80,38 +67,8 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workdir):
-    """``monailabel start_server`` in a subprocess; killed whatever happens."""
-    port = _free_port()
-    log = open(workdir / "server.log", "w")
-    cmd = [
-        sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(workdir / "studies"),
-        "--conf", "bundle", str(workdir / "bundle"),
-        "--host", "127.0.0.1", "--port", str(port),
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited ({proc.returncode}):\n{(workdir / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError(f"server did not start:\n{(workdir / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with running_server(workdir, workdir / "studies", workdir / "bundle") as running:
+        yield running
 
 
 def _infer(url: str, image: str, params, output: str = "json", model: str = MODEL) -> requests.Response:
@@ -226,11 +183,11 @@ def test_memory_is_stable_over_50_clicks(server, workdir):
     centres = [list(nucleus_center(label == i)) for i in np.unique(label) if i]
     for i in range(5):  # warm-up: allocator pools, first-call caches
         assert _infer(url, "demo_005", {"foreground": [centres[i % len(centres)]]}).status_code == 200
-    before = _rss_kib(proc.pid)
+    before = rss_kib(proc.pid)
     for i in range(50):
         response = _infer(url, "demo_005", {"foreground": [centres[i % len(centres)]]}, output="all")
         assert response.status_code == 200, response.text
-    after = _rss_kib(proc.pid)
+    after = rss_kib(proc.pid)
     runs = _infer(url, "demo_005", {"foreground": [centres[0]]}).json()["encoder_runs"]
     print(f"\nserver RSS before 50 clicks: {before / 1024:.1f} MiB, after: {after / 1024:.1f} MiB, growth {(after - before) / 1024:.1f} MiB; encoder runs so far {runs}")
     assert after - before < 64 * 1024, f"RSS grew from {before} KiB to {after} KiB over 50 clicks"

@@ -17,11 +17,17 @@ gives the mask ``predict`` and bundle inference give for the same image and clic
   background click in the window, the bundle's ``AutoClickd`` chooses one from the window's pixels
   (once per window: it is cached with the embedding).
 - **Cache.** ``SPPNet.encode`` output of each window is kept in an LRU dictionary keyed by
-  ``(image path, file mtime, file size, window)``, so a second click in the same window skips the
-  encoder; :attr:`ClickSegmenter.encoder_runs` counts encoder calls. The cache is emptied when the
-  checkpoint file changes (it is reloaded, e.g. after ``/train``).
-- **Output.** The union of the windows' masks in a full-size ``(H, W)`` mask, split into nuclei by
-  ``Predictor.split_nuclei`` (the instance head's watershed, or the distance watershed without one).
+  ``(image path, file mtime, file size[, slide level], window)``, so a second click in the same window
+  skips the encoder; :attr:`ClickSegmenter.encoder_runs` counts encoder calls. The cache is emptied
+  when the checkpoint file changes (it is reloaded, e.g. after ``/train``).
+- **Output.** The union of the windows' masks in a full-size ``(H, W)`` mask; only the bounding box of
+  the clicks' windows (what the clicks changed) is split into nuclei by ``Predictor.split_nuclei``
+  (the instance head's watershed, or the distance watershed without one).
+- **Slides** (:meth:`ClickSegmenter.segment_region`, MONAI Label's ``/infer/wsi`` tiles): a tile with a
+  positive click that fits in one window of the click grid (on the slide level's pixels) is
+  answered from that window; any other tile (no click: QuPath's "segment this rectangle") goes
+  through :class:`sppnet_monai.slide_inference.SlideSegmenter`. Nuclei are records with contours
+  in level-0 slide pixels, kept by the tile holding their centroid.
 - **Errors.** Bad clicks and unreadable images raise :class:`~sppnet_monai.utils.SPPNetError`
   (:class:`ImageNotFoundError` for a missing image); the infer task answers them with HTTP 400 / 404.
 """
@@ -40,11 +46,14 @@ import numpy as np
 import torch
 
 from sppnet_monai.clicks import click_pixels, first_in_scan_order
+from sppnet_monai.data.slides import Slide
+from sppnet_monai.nuclei import nuclei_records
+from sppnet_monai.slide_inference import MAX_TILE, MIN_TILE, SlideSegmenter, level_region
 from sppnet_monai.utils import SPPNetError, root_message
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClickSegmenter", "ImageNotFoundError", "choose_window", "nuclei_contours", "parse_clicks", "served_checkpoint"]
+__all__ = ["ClickSegmenter", "ImageNotFoundError", "choose_window", "parse_clicks", "served_checkpoint"]
 
 # Where the app's /train writes the model it then serves, relative to the bundle folder.
 TRAINED_CHECKPOINT = Path("models") / "model.pt"
@@ -92,36 +101,6 @@ def choose_window(x: int, y: int, width: int, height: int, size: int) -> tuple[i
     return x0, y0, min(size, width), min(size, height)
 
 
-def _contour(region_mask: np.ndarray, x0: int, y0: int) -> list[list[float]]:
-    """The longest outer contour of one nucleus, ``[[x, y], ...]`` in image pixels."""
-    from skimage import measure
-
-    contours = measure.find_contours(np.pad(region_mask, 1).astype(np.uint8), 0.5)
-    if not contours:
-        return []
-    longest = measure.approximate_polygon(max(contours, key=len), tolerance=0.5)  # pixel-edge polygon, simplified
-    return [[round(float(c) - 1 + x0, 1), round(float(r) - 1 + y0, 1)] for r, c in longest]
-
-
-def nuclei_contours(instances: np.ndarray) -> list[dict]:
-    """One ``{"id", "area", "centroid", "contour"}`` per instance label of ``instances``."""
-    from skimage import measure
-
-    nuclei = []
-    for region in measure.regionprops(instances):
-        r0, c0, _, _ = region.bbox
-        cy, cx = region.centroid
-        nuclei.append(
-            {
-                "id": int(region.label),
-                "area": int(region.area),
-                "centroid": [round(float(cx), 1), round(float(cy), 1)],
-                "contour": _contour(region.image, c0, r0),
-            }
-        )
-    return nuclei
-
-
 def served_checkpoint(bundle_dir: Path) -> Path:
     """The model the app serves: the bundle's own trained ``models/model.pt`` (``/train`` writes it) when
     there is one, else the weights shipped with the bundle (``weights/sppnet_monuseg.pt``, inference.json's
@@ -148,6 +127,7 @@ class ClickSegmenter:
         self.encoder_runs = 0
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self._image: tuple[tuple, dict] | None = None  # the last image read: (key, loaded data)
+        self._open_slide: tuple[tuple, Slide] | None = None  # the last slide read: (key, slide)
         self._predictor = None
         self._model_stamp: tuple | None = None
         self._lock = threading.RLock()
@@ -191,15 +171,13 @@ class ClickSegmenter:
             self._image = (key, loaded)
         return self._image[1]
 
-    def _window_entry(self, path: Path, stamp: tuple, window: tuple, predictor) -> tuple[dict, bool]:
-        key = (str(path), *stamp, window)
+    def _window_entry(self, key: tuple, window: tuple, read) -> tuple[dict, bool]:
+        """The cache entry of ``window`` ``(x0, y0, w, h)`` under ``key``; ``read(window)`` gives its ``(3, h, w)`` RGB."""
         entry = self._cache.get(key)
         if entry is not None:
             self._cache.move_to_end(key)
             return entry, True
-        x0, y0, w, h = window
-        rgb = self._loaded(path, stamp, predictor)["image"][:, y0 : y0 + h, x0 : x0 + w].clone()  # not a view of the image
-        entry = {"rgb": rgb, "features": None, "auto_background": None}
+        entry = {"rgb": read(window), "features": None, "auto_background": None}
         if self.cache_size:
             self._cache[key] = entry
             while len(self._cache) > self.cache_size:
@@ -265,7 +243,8 @@ class ClickSegmenter:
             summary = []
             for window, clicks in windows.items():
                 x0, y0, w, h = window
-                entry, hit = self._window_entry(path, stamp, window, predictor)
+                read = lambda win: self._loaded(path, stamp, predictor)["image"][:, win[1] : win[1] + win[3], win[0] : win[0] + win[2]].clone()  # noqa: E731
+                entry, hit = self._window_entry((str(path), *stamp, window), window, read)
                 inside = [[x - x0, y - y0] for x, y in negative.tolist() if x0 <= x < x0 + w and y0 <= y < y0 + h]
                 local = [[x - x0, y - y0] for x, y in clicks]
                 window_mask, window_head, used, auto = self._segment_window(entry, local, inside, predictor)
@@ -286,12 +265,104 @@ class ClickSegmenter:
                     }
                 )
             encoder_runs, cached = self.encoder_runs, len(self._cache)
-        instances = predictor.split_nuclei(mask, head_map).astype(np.int32)
+        # Only the clicks' windows changed: split the nuclei of their bounding box, not of the whole image.
+        x0, y0 = min(w[0] for w in windows), min(w[1] for w in windows)
+        x1, y1 = max(w[0] + w[2] for w in windows), max(w[1] + w[3] for w in windows)
+        instances = np.zeros((height, width), dtype=np.int32)
+        box = np.s_[y0:y1, x0:x1]
+        instances[box] = predictor.split_nuclei(mask[box], None if head_map is None else head_map[box])
         info = {
             "image_size": [width, height],
             "windows": summary,
             "encoder_runs": encoder_runs,
             "cached_embeddings": cached,
             "nuclei_count": int(instances.max()),
+            "changed": [x0, y0, x1 - x0, y1 - y0],
         }
         return mask.astype(np.uint8), instances, info
+
+    # -- whole-slide regions (MONAI Label's /infer/wsi tiles) --------------------------------------
+    def _slide(self, path: Path) -> tuple[Slide, tuple]:
+        """The open slide of ``path`` (kept open for the next tile) and its file stamp."""
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if self._open_slide is None or self._open_slide[0] != key:
+            if self._open_slide is not None:
+                self._open_slide[1].close()
+            self._open_slide = (key, Slide(path))
+        return self._open_slide[1], key
+
+    def segment_region(
+        self,
+        image_path: str | os.PathLike,
+        region: Sequence[int] | None,
+        level: int = 0,
+        foreground: Sequence[Sequence[float]] = (),
+        background: Sequence[Sequence[float]] = (),
+        min_area: float = 0.0,
+    ) -> tuple[list[dict], dict]:
+        """Nuclei records (level-0 pixels, :func:`sppnet_monai.nuclei.nuclei_records`) whose centroid lies in
+        ``region`` ``(x, y, w, h)`` (level-0 pixels; None or zero size: the whole image) read at ``level``, and
+        a JSON-able summary. Clicks are level-0 pixels; those outside the region are another tile's and unused.
+
+        A region with a positive click that fits in one window of the click grid is served from that
+        window's cached embedding (an interactive click); any other region is segmented tile-wise with
+        automatic prompts where it has no click (:class:`~sppnet_monai.slide_inference.SlideSegmenter`).
+        """
+        path = Path(image_path)
+        if not path.is_file():
+            raise ImageNotFoundError(f"image {path.name} not found.")
+        with self._lock:
+            predictor = self._model()
+            slide, stamp = self._slide(path)
+            region = None if region is None or not all(region[2:]) else tuple(int(v) for v in region)
+            area, scale = level_region(slide, region, level)
+            ax, ay, aw, ah = area
+            in_area = lambda clicks: [[x / scale, y / scale] for x, y in clicks if ax <= x / scale < ax + aw and ay <= y / scale < ay + ah]  # noqa: E731
+            fg, bg = in_area(foreground), in_area(background)
+            size = predictor.image_size
+            width, height = slide.size(level)
+            window = _covering_window(area, width, height, size) if fg else None
+            if window is None:
+                segmenter = SlideSegmenter(predictor, tile_size=max(MIN_TILE, min(MAX_TILE, max(aw, ah))), **self._margin(predictor))
+                records = segmenter.segment_tile(slide, level, area, fg, bg, scale)
+                info = {"mode": "automatic" if not fg else "tiled", "windows": []}
+            else:
+                x0, y0, w, h = window
+                read = lambda win: torch.from_numpy(slide.read(*win, level)).float()  # noqa: E731
+                entry, hit = self._window_entry((*stamp, level, window), window, read)
+                local = lambda clicks: [[int(x) - x0, int(y) - y0] for x, y in clicks if x0 <= x < x0 + w and y0 <= y < y0 + h]  # noqa: E731
+                window_mask, window_head, used, auto = self._segment_window(entry, local(fg), local(bg), predictor)
+                instances = predictor.split_nuclei(window_mask, window_head)
+                left, top = ax - x0, ay - y0
+                records = nuclei_records(
+                    instances, origin=(x0 * scale, y0 * scale), scale=scale,
+                    keep=lambda cx, cy: left <= cx < left + aw and top <= cy < top + ah,
+                )
+                info = {
+                    "mode": "click",
+                    "windows": [{"window": [x0, y0, w, h], "level": level, "embedding_cached": hit, "background_auto": auto}],
+                }
+            records = [r for r in records if r["area"] >= min_area]
+            info.update(encoder_runs=self.encoder_runs, cached_embeddings=len(self._cache), nuclei_count=len(records))
+        return records, info
+
+    @staticmethod
+    def _margin(predictor) -> dict:
+        settings = dict(predictor.parser.get_parsed_content("slide_inference", default={}))
+        return {"margin": settings["margin"]} if "margin" in settings else {}
+
+
+def _covering_window(area: tuple, width: int, height: int, size: int) -> tuple | None:
+    """The window of the click grid (side ``size``, stride ``size / 2``, last one flush with the border) that holds
+    all of ``area`` ``(x, y, w, h)`` with its centre nearest the area's; None if no window holds it."""
+    origin = []
+    for start, extent, length in ((area[0], area[2], width), (area[1], area[3], height)):
+        if length <= size:
+            origin.append(0)
+            continue
+        starts = [o for o in list(range(0, length - size, size // 2)) + [length - size] if o <= start and start + extent <= o + size]
+        if not starts:
+            return None
+        origin.append(min(starts, key=lambda o: abs(o + size / 2 - (start + extent / 2))))
+    return origin[0], origin[1], min(size, width), min(size, height)

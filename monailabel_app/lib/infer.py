@@ -13,12 +13,58 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
-from lib.engine import ClickSegmenter, ImageNotFoundError, nuclei_contours, parse_clicks
+from lib.engine import ClickSegmenter, ImageNotFoundError, parse_clicks
+from sppnet_monai.clicks import click_pixels
+from sppnet_monai.nuclei import NUCLEUS_CLASS, nuclei_records
 from sppnet_monai.utils import SPPNetError
 
 logger = logging.getLogger(__name__)
 
 LABEL_NAMES = {"nuclei": 1}
+# Keys MONAI Label's WSI protocol puts in each tile's request (``create_infer_wsi_tasks``).
+WSI_KEYS = ("location", "size", "tile_size")
+
+
+def is_wsi_request(request: Dict[str, Any]) -> bool:
+    """A tile of MONAI Label's ``/infer/wsi`` (QuPath, DSA) rather than the app's own click request."""
+    return any(key in request for key in WSI_KEYS)
+
+
+def read_level(request: Dict[str, Any]) -> int:
+    level = request.get("level", 0)
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise SPPNetError(f"level must be a non-negative integer, got {level!r}.")
+    return level
+
+
+def read_pair(request: Dict[str, Any], key: str, default=(0, 0)) -> list[int]:
+    """``request[key]`` as two non-negative integers below 2**31 (``location``, ``size``, ``tile_size``)."""
+    value = request.get(key, default)
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in value)
+    ):
+        raise SPPNetError(f"{key} must be two integers from 0 to 2**31 - 1 (pixels), got {value!r}.")
+    return list(value)
+
+
+def check_wsi_request(request: Dict[str, Any], path: str) -> None:
+    """Raise :class:`SPPNetError` with the reason when a WSI request cannot be served: a slide that cannot be
+    read, a level it does not have, a region outside it, a tile_size out of range, a click outside the region."""
+    from sppnet_monai.data.slides import Slide
+    from sppnet_monai.slide_inference import check_tile_size
+
+    level = read_level(request)
+    (x, y), (w, h) = read_pair(request, "location"), read_pair(request, "size")
+    for side in read_pair(request, "tile_size", (1024, 1024)):
+        check_tile_size(side)
+    with Slide(path) as slide:
+        slide.check_level(level)
+        region = (x, y, w, h) if w and h else (0, 0, *slide.size(0))
+        slide.check_region(region)
+    for name in ("foreground", "background"):
+        click_pixels(parse_clicks(request.get(name), name), region[2], region[3], name, "the region", origin=region[:2])
 
 
 class SPPNetClickInfer(InferTask):
@@ -39,7 +85,10 @@ class SPPNetClickInfer(InferTask):
     and ``latencies``.
     """
 
-    def __init__(self, segmenter: ClickSegmenter, description: str = "SPPNet single-point prompt nuclei segmentation"):
+    def __init__(
+        self, segmenter: ClickSegmenter, description: str = "SPPNet single-point prompt nuclei segmentation", nuclick: bool = False
+    ):
+        self.nuclick = nuclick
         super().__init__(
             type=InferType.DEEPGROW,
             labels=LABEL_NAMES,
@@ -55,7 +104,15 @@ class SPPNetClickInfer(InferTask):
     def get_path(self, validate=True):
         return str(self.segmenter.checkpoint)
 
+    def info(self) -> Dict[str, Any]:
+        # The QuPath extension reads these: pathology models get its WSI commands; a "nuclick" model
+        # serves its click tool (every point is a positive click), any other its rectangle command
+        # (zero clicks allowed, "Positive"/"Negative" points).
+        return {**super().info(), "pathology": True, "nuclick": self.nuclick}
+
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
+        if is_wsi_request(request):
+            return None, self.infer_tile(request)
         start = time.perf_counter()
         image = request.get("image")
         if not isinstance(image, str) or not image or not os.path.isfile(image):
@@ -79,10 +136,48 @@ class SPPNetClickInfer(InferTask):
         Image.fromarray(array).save(label_file, format="PNG")
         result = {"label_names": LABEL_NAMES, "label_type": label_type, **info}
         if str(request.get("contours", True)).lower() not in ("false", "0", "no"):
-            result["nuclei"] = nuclei_contours(instances)
+            x, y, w, h = info["changed"]  # contours of what the clicks changed only
+            result["nuclei"] = nuclei_records(instances[y : y + h, x : x + w], origin=(x, y))
         result["latencies"] = {"infer": round(infer_time, 4), "total": round(time.perf_counter() - start, 4)}
         logger.info(
             "SPPNet: %d click(s) -> %d nuclei; encoder runs %d; %.3fs",
             len(foreground), info["nuclei_count"], info["encoder_runs"], infer_time,
         )
         return label_file, result
+
+    def infer_tile(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """One tile of MONAI Label's WSI protocol: its nuclei as the ``annotation`` its ASAP / DSA writers read.
+
+        ``location`` / ``size`` (level-0 slide pixels; size 0: the whole image), ``level``, ``min_poly_area``
+        and ``foreground`` / ``background`` clicks in level-0 slide pixels (another tile's clicks are ignored).
+        """
+        start = time.perf_counter()
+        image = request.get("image")
+        try:
+            if not isinstance(image, str) or not os.path.isfile(image):
+                raise ImageNotFoundError(f"image {image!r} not found in the datastore.")
+            x, y = read_pair(request, "location")
+            w, h = read_pair(request, "size")
+            records, info = self.segmenter.segment_region(
+                image,
+                (x, y, w, h),
+                read_level(request),
+                parse_clicks(request.get("foreground"), "foreground"),
+                parse_clicks(request.get("background"), "background"),
+                min_area=float(request.get("min_poly_area") or 0),
+            )
+        except ImageNotFoundError as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+        except SPPNetError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from err
+        infer = time.perf_counter() - start
+        label = NUCLEUS_CLASS["name"]
+        annotation = {
+            "labels": {label: NUCLEUS_CLASS["color"]},
+            "elements": [{"label": label, "contours": [r["contour"] for r in records]}] if records else [],
+        }
+        total = time.perf_counter() - start
+        # infer_wsi sums pre / infer / post / total over the tiles: reading is inside infer here.
+        latencies = {"pre": 0.0, "infer": round(infer, 4), "post": round(total - infer, 4), "total": round(total, 4)}
+        logger.info("SPPNet tile %s: %d nuclei (%s); %.3fs", request.get("location"), len(records), info["mode"], total)
+        return {"annotation": annotation, "nuclei": records, **info, "latencies": latencies}

@@ -184,3 +184,45 @@ def synthesize_sample(rng: np.random.Generator, size: int) -> SyntheticSample:
     rgb += rng.normal(0.0, rng.uniform(2.0, 5.0), rgb.shape)
     image = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
     return SyntheticSample(image=image, labels=relabel_consecutive(labels), overlapping=overlapping)
+
+
+def nuclei_slide_tile(origin: tuple[int, int], shape: tuple[int, int], centres: np.ndarray, radius: float) -> np.ndarray:
+    """``(h, w, 3)`` uint8 of a plain H&E-like slide at ``origin`` (x, y): eosin background and haematoxylin
+    disks of ``radius`` at ``centres`` ``(N, 2)`` (x, y, slide pixels). Any window of a slide can be drawn
+    on its own, so a large slide is written tile by tile."""
+    x0, y0 = origin
+    h, w = shape
+    rows, cols = np.mgrid[y0 : y0 + h, x0 : x0 + w]
+    stain = np.zeros(shape)
+    near = centres[(np.abs(centres[:, 0] - (x0 + w / 2)) < w / 2 + radius) & (np.abs(centres[:, 1] - (y0 + h / 2)) < h / 2 + radius)]
+    for cx, cy in near:
+        stain = np.maximum(stain, ((cols - cx) ** 2 + (rows - cy) ** 2 < radius**2) * 1.0)
+    density = 0.25 * EOSIN[None, None] + stain[..., None] * (1.1 * HAEMATOXYLIN[None, None])
+    return (255 * np.exp(-density)).round().clip(0, 255).astype(np.uint8)
+
+
+def write_nuclei_slide(
+    path, width: int, height: int, centres: np.ndarray, radius: float = 8.0, levels: int = 3, tile: int = 256,
+    mpp: float = 0.25, compression: str = "zlib",
+) -> None:
+    """A pyramidal tiled TIFF (level ``k`` downsampled ``2**k``, ``tile`` square tiles, ``compression``, pixel size
+    ``mpp`` microns) of :func:`nuclei_slide_tile`, as OpenSlide reads generic tiled TIFFs; written tile by tile."""
+    import tifffile
+
+    def tiles(level: int):
+        step = 2**level
+        lw, lh = -(-width // step), -(-height // step)
+        for ty in range(0, lh, tile):
+            for tx in range(0, lw, tile):
+                full = nuclei_slide_tile((tx * step, ty * step), (tile * step, tile * step), centres, radius)
+                yield np.ascontiguousarray(full[::step, ::step])
+
+    resolution = (1e4 / (mpp), 1e4 / (mpp))  # pixels per centimetre
+    with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif:
+        for level in range(levels):
+            step = 2**level
+            tif.write(
+                tiles(level), shape=(-(-height // step), -(-width // step), 3), dtype=np.uint8, tile=(tile, tile),
+                photometric="rgb", compression=compression, subfiletype=0 if level == 0 else 1,
+                resolution=(resolution[0] / step, resolution[1] / step), resolutionunit="CENTIMETER",
+            )

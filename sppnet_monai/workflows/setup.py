@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def compute_device() -> torch.device:
-    """The first CUDA device when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The CUDA device of this process (torchrun's LOCAL_RANK, else the first) when there is one, else the CPU."""
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 
 
 def use_all_cpu_cores() -> int:

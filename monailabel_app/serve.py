@@ -1,0 +1,67 @@
+"""Start the app's MONAI Label server in a subprocess on a free local port (for tests and benchmark scripts)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+APP = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, studies: Path, bundle: Path, timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``monailabel start_server`` of this app on 127.0.0.1: yields ``(url, process)``; stopped whatever happens.
+
+    The log goes to ``workdir/server_<port>.log``; an early exit or a start slower than ``timeout`` raises with its tail.
+    """
+    import requests
+
+    port = free_port()
+    log_path = Path(workdir) / f"server_{port}.log"
+    cmd = [
+        sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+        "--conf", "bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port),
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+                try:
+                    if requests.get(f"{url}/info/", timeout=5).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError(f"server did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+            yield url, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
