@@ -39,7 +39,8 @@ def _outline(region_mask: np.ndarray) -> np.ndarray | None:
         return None
     polygon = shapely.Polygon(ring)
     if not polygon.is_valid:  # simplification can fold a thin neck onto itself: keep the largest valid piece
-        pieces = [g for g in getattr(shapely.make_valid(polygon), "geoms", [shapely.make_valid(polygon)]) if isinstance(g, shapely.Polygon)]
+        valid = shapely.make_valid(polygon)
+        pieces = [g for g in getattr(valid, "geoms", [valid]) if isinstance(g, shapely.Polygon)]
         if not pieces:
             return None
         polygon = max(pieces, key=lambda g: g.area)

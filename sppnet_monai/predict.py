@@ -6,6 +6,7 @@ inferer), so the CLI and ``python -m monai.bundle run`` with that config give th
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -106,6 +107,7 @@ class Predictor:
         self.discretize = AsDiscrete(threshold=self.threshold)
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
         self.head_postprocess = dict(parser.get_parsed_content("head_postprocess", default={}))
+        self.slide_inference = dict(parser.get_parsed_content("slide_inference", default={}))  # SlideSegmenter's tile_size, margin
         self.flip_tta = bool(parser.get_parsed_content("flip_tta", default=False))
         self.split_by_head = bool(parser.get_parsed_content("split_by_head", default=True))
         # What the network's second channel is: the config's instance_head, which also built the network.
@@ -334,7 +336,7 @@ def predict_slide(
             f"{slide.path.name}: whole-slide images and regions are written as --formats geojson (nucleus polygons), "
             f"not as masks {sorted(set(formats) - {GEOJSON})}."
         )
-    settings = dict(predictor.parser.get_parsed_content("slide_inference", default={}))
+    settings = dict(predictor.slide_inference)
     if tile_size is not None:
         settings["tile_size"] = tile_size
     segmenter = SlideSegmenter(predictor, **settings)
@@ -364,7 +366,7 @@ def predict_slide(
             progress.update()
         progress.close()
     paths = out / f"{stem}_nuclei.geojson", out / f"{stem}_nuclei.csv"
-    records = (record for line in list(read_jsonl(partial))[1:] for record in line["nuclei"])
+    records = (record for line in itertools.islice(read_jsonl(partial), 1, None) for record in line["nuclei"])
     count = write_nuclei(records, *paths, mpp=slide.mpp)
     partial.unlink()
     return {
@@ -377,11 +379,13 @@ def _resume(partial: Path, header: dict) -> int:
     """How many tiles a previous run of the same job finished (0 without a matching partial file)."""
     if not partial.is_file():
         return 0
-    lines = list(read_jsonl(partial))
-    if not lines or json.loads(json.dumps(header)) != lines[0]:
+    lines = read_jsonl(partial)  # streamed: the file holds every nucleus found so far
+    if next(lines, None) != json.loads(json.dumps(header)):
         return 0
-    tiles = [line["tile"] for line in lines[1:]]
-    if tiles != list(range(len(tiles))):
-        return 0
-    logger.info("%s: resuming after %d finished tiles", partial.name, len(tiles))
-    return len(tiles)
+    done = 0
+    for line in lines:
+        if line["tile"] != done:
+            return 0
+        done += 1
+    logger.info("%s: resuming after %d finished tiles", partial.name, done)
+    return done

@@ -324,7 +324,7 @@ class ClickSegmenter:
             width, height = slide.size(level)
             window = _covering_window(area, width, height, size) if fg else None
             if window is None:
-                segmenter = SlideSegmenter(predictor, tile_size=max(MIN_TILE, min(MAX_TILE, max(aw, ah))), **self._margin(predictor))
+                segmenter = SlideSegmenter(predictor, tile_size=max(MIN_TILE, min(MAX_TILE, max(aw, ah))), **_margin(predictor))
                 records = segmenter.segment_tile(slide, level, area, fg, bg, scale)
                 info = {"mode": "automatic" if not fg else "tiled", "windows": []}
             else:
@@ -347,10 +347,11 @@ class ClickSegmenter:
             info.update(encoder_runs=self.encoder_runs, cached_embeddings=len(self._cache), nuclei_count=len(records))
         return records, info
 
-    @staticmethod
-    def _margin(predictor) -> dict:
-        settings = dict(predictor.parser.get_parsed_content("slide_inference", default={}))
-        return {"margin": settings["margin"]} if "margin" in settings else {}
+
+
+def _margin(predictor) -> dict:
+    """The config's tile context for SlideSegmenter (the app's tile size is MONAI Label's, not the config's)."""
+    return {"margin": predictor.slide_inference["margin"]} if "margin" in predictor.slide_inference else {}
 
 
 def _covering_window(area: tuple, width: int, height: int, size: int) -> tuple | None:
