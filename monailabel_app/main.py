@@ -31,8 +31,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib import routes
 from lib.engine import ClickSegmenter
 from lib.infer import SPPNetClickInfer, check_wsi_request
-from sppnet_monai.utils import SPPNetError
 from lib.train import SPPNetTrain, train_in_subprocess
+from sppnet_monai.utils import SPPNetError
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +76,23 @@ class SPPNetApp(MONAILabelApp):
     def init_trainers(self) -> Dict[str, TrainTask]:
         return {MODEL_NAME: SPPNetTrain(str(self.bundle_dir), self.train_configs, self.train_defaults)}
 
-    def infer(self, request, datastore=None):
-        # MONAI Label maps an unknown image id to "" and lets the task fail; answer 404 naming the id.
-        image = request.get("image")
-        store = datastore if datastore else self.datastore()
-        if isinstance(image, str) and not os.path.exists(image) and not store.get_image_uri(image):
+    def _image_path(self, image: str, datastore=None) -> str:
+        """The file of ``image`` (a path, or a datastore id); 404 naming the id otherwise.
+        (MONAI Label maps an unknown id to "" and lets the task fail.)"""
+        path = image if os.path.exists(image) else (datastore or self.datastore()).get_image_uri(image)
+        if not path or not os.path.exists(path):
             raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: GET /datastore/?output=all lists the ids.")
-        if request.get("model") and request["model"] not in self._infers:
-            raise HTTPException(status_code=404, detail=f"unknown model {request['model']!r}; available: {sorted(self._infers)}")
+        return path
+
+    def _check_model(self, model) -> None:
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+
+    def infer(self, request, datastore=None):
+        if isinstance(request.get("image"), str):
+            self._image_path(request["image"], datastore)
+        if request.get("model"):
+            self._check_model(request["model"])
         return super().infer(request, datastore)
 
     def infer_wsi(self, request, datastore=None):
@@ -100,14 +109,11 @@ class SPPNetApp(MONAILabelApp):
 
         request = dict(request)
         model = request.get("model")
-        if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+        self._check_model(model)
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise HTTPException(status_code=400, detail="give the slide: ?image=<datastore id> (or upload it as 'file' to /infer/wsi_v2).")
-        path = image if os.path.exists(image) else (datastore or self.datastore()).get_image_uri(image)
-        if not path or not os.path.exists(path):
-            raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: GET /datastore/?output=all lists the ids.")
+        path = self._image_path(image, datastore)
         try:
             check_wsi_request(request, path)
         except SPPNetError as err:
