@@ -30,7 +30,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib import routes
 from lib.engine import ClickSegmenter
-from lib.infer import SPPNetClickInfer, check_wsi_request
+from lib.infer import NO_SLIDE, SPPNetClickInfer, check_wsi_request
 from lib.train import SPPNetTrain, train_in_subprocess
 from sppnet_monai.utils import SPPNetError
 
@@ -112,7 +112,7 @@ class SPPNetApp(MONAILabelApp):
         self._check_model(model)
         image = request.get("image")
         if not isinstance(image, str) or not image:
-            raise HTTPException(status_code=400, detail="give the slide: ?image=<datastore id> (or upload it as 'file' to /infer/wsi_v2).")
+            raise HTTPException(status_code=400, detail=NO_SLIDE)
         path = self._image_path(image, datastore)
         try:
             check_wsi_request(request, path)

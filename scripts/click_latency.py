@@ -109,4 +109,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/click_latency"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/click_latency").resolve())

@@ -14,7 +14,10 @@ from monai.utils import ensure_tuple_rep
 from sppnet_monai.networks.sppnet import SPPNet, denormalize_rgb
 from sppnet_monai.transforms import choose_clicks
 
-__all__ = ["PromptedSlidingWindowInferer", "window_grid"]
+__all__ = ["GLASS_LOGIT", "PromptedSlidingWindowInferer", "window_grid"]
+
+# The logit of a skipped glass window: the shipped network's mean logit on blank glass windows is -45 to -63.
+GLASS_LOGIT = -50.0
 
 
 class PromptedSlidingWindowInferer(SlidingWindowInferer):
@@ -27,16 +30,49 @@ class PromptedSlidingWindowInferer(SlidingWindowInferer):
     point). An image that fits one window goes to an SPPNet as it is (SPPNet pads it), so its logits
     are exactly the network's, with no blending; other networks (the U-Net baseline) get MONAI's padding.
 
+    With ``min_stain_density``, an SPPNet skips the windows of bare glass, the background of a slide:
+    those with fewer than ``min_stain_pixels`` pixels whose optical density (``-log10(I / 255)``) reaches
+    it in some channel. They get :data:`GLASS_LOGIT` (no nucleus) without running the network, which on
+    glass costs the time of a tissue window and can only add false nuclei.
+
     Args:
+        min_stain_density: optical density below which a pixel is unstained (None: run every window).
+            Macenko et al. (ISBI 2009) drop pixels under 0.15 as transparent; nuclei are far denser.
+        min_stain_pixels: stained pixels a window needs to be run (at least the smallest nucleus kept).
         kwargs: :class:`SlidingWindowInferer` arguments (``roi_size``, ``overlap``, ``mode``, ...).
     """
 
+    def __init__(self, *args: Any, min_stain_density: float | None = None, min_stain_pixels: int = 10, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_stain_density = min_stain_density
+        self.min_stain_pixels = int(min_stain_pixels)
+
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any):
-        prompted = lambda windows, *a, **k: network(self.prompt_windows(windows), *a, **k)  # noqa: E731
+        if isinstance(network, SPPNet) and self.min_stain_density is not None:
+            prompted = lambda windows, *a, **k: self._run_stained(windows, network, *a, **k)  # noqa: E731
+        else:
+            prompted = lambda windows, *a, **k: network(self.prompt_windows(windows), *a, **k)  # noqa: E731
         roi_size = ensure_tuple_rep(self.roi_size, inputs.ndim - 2)
         if isinstance(network, SPPNet) and all(size <= roi for size, roi in zip(inputs.shape[2:], roi_size)):
             return prompted(inputs, *args, **kwargs)  # SPPNet pads a small image itself, as in training
         return super().__call__(inputs, prompted, *args, **kwargs)
+
+    def _run_stained(self, windows: torch.Tensor, network: SPPNet, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``network``'s logits for the stained windows of ``(B, 5, h, w)``, :data:`GLASS_LOGIT` for the others."""
+        stained = self.stained_windows(windows[:, :3])
+        if bool(stained.all()):
+            return network(self.prompt_windows(windows), *args, **kwargs)
+        logits = windows.new_full((windows.shape[0], network.out_channels, *windows.shape[2:]), GLASS_LOGIT)
+        if bool(stained.any()):
+            logits[stained] = network(self.prompt_windows(windows[stained]), *args, **kwargs).to(logits.dtype)
+        return logits
+
+    def stained_windows(self, rgb: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: which SAM-normalised ``(B, 3, h, w)`` windows hold stain (see the class)."""
+        # I < 255 * 10**-d  <=>  -log10(I / 255) > d, in any channel.
+        darkest = denormalize_rgb(rgb.float()).amin(dim=1)  # (B, h, w)
+        dense = darkest < 255.0 * 10.0 ** (-self.min_stain_density)
+        return dense.flatten(1).sum(dim=1) >= self.min_stain_pixels
 
     @staticmethod
     def prompt_windows(windows: torch.Tensor) -> torch.Tensor:

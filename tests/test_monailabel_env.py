@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv-monailabel"
-APP_TESTS = ["tests/test_monailabel.py", "tests/test_monailabel_train.py", "tests/test_monailabel_train_params.py"]
+APP_TESTS = [
+    "tests/test_monailabel.py", "tests/test_monailabel_wsi.py", "tests/test_monailabel_train.py", "tests/test_monailabel_train_params.py",
+]
 
 
 def _has_monailabel(python: Path) -> bool:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sppnet_monai.data.prepare import prepare_demo
-from sppnet_monai.inferers import PromptedSlidingWindowInferer
+from sppnet_monai.inferers import GLASS_LOGIT, PromptedSlidingWindowInferer
 from sppnet_monai.networks import PIXEL_MEAN, PIXEL_STD, SPPNet
 from sppnet_monai.predict import Predictor, run_predict
 from sppnet_monai.utils import SPPNetError
@@ -67,6 +67,39 @@ def test_every_window_gets_a_prompt():
     assert len(peaks) > 4 and (peaks[:, 1] > 0).all()  # every window has a background click
     # Windows over a nucleus get a positive click, the blank ones none (SAM's padding point).
     assert 2 <= int((peaks[:, 0] > 0).sum()) < len(peaks)
+
+
+def test_glass_windows_are_skipped_and_stained_ones_unchanged():
+    """With min_stain_density, the network runs only on windows holding stain; the stained part's logits
+    are those of running every window wherever no glass window overlaps."""
+    class CountingSPPNet(SPPNet):
+        windows = 0
+
+        def forward(self, image):
+            self.windows += image.shape[0]
+            return super().forward(image)
+
+    torch.manual_seed(0)
+    net = CountingSPPNet(image_size=64).eval()
+    rgb = torch.full((3, 64, 256), 245.0)  # glass (optical density ~0.02)
+    rgb[:, :, :64] = torch.tensor([150.0, 90.0, 170.0])[:, None, None]  # stained tissue in the first window only
+    rgb[:, 20:30, 20:30] = 60.0
+    rgb[:, 10:14, 200:203] = 60.0  # 12 stained pixels of dust on the glass: its window runs
+    image = torch.zeros(1, 5, 64, 256)
+    image[0, :3] = (rgb - torch.tensor(PIXEL_MEAN)[:, None, None]) / torch.tensor(PIXEL_STD)[:, None, None]
+    kwargs = dict(roi_size=(64, 64), overlap=0.0, mode="constant")
+    with torch.no_grad():
+        every = PromptedSlidingWindowInferer(**kwargs)(image, net)
+        assert net.windows == 4
+        net.windows = 0
+        skipping = PromptedSlidingWindowInferer(min_stain_density=0.15, min_stain_pixels=10, **kwargs)(image, net)
+    assert net.windows == 2  # the tissue window and the dusty one
+    torch.testing.assert_close(skipping[..., :64], every[..., :64])
+    torch.testing.assert_close(skipping[..., 192:], every[..., 192:])
+    assert (skipping[..., 64:192] == GLASS_LOGIT).all() and not torch.equal(every[..., 64:192], skipping[..., 64:192])
+    with torch.no_grad():  # a small image of glass alone: no network run at all
+        blank = PromptedSlidingWindowInferer(min_stain_density=0.15, **kwargs)(image[..., 64:128], net)
+    assert net.windows == 2 and blank.shape == (1, 1, 64, 64) and (blank == GLASS_LOGIT).all()
 
 
 def test_predict_cli_writes_masks_and_instances(checkpoint, images, tmp_path):

@@ -48,7 +48,7 @@ import torch
 from sppnet_monai.clicks import click_pixels, first_in_scan_order
 from sppnet_monai.data.slides import Slide
 from sppnet_monai.nuclei import nuclei_records
-from sppnet_monai.slide_inference import MAX_TILE, MIN_TILE, SlideSegmenter, level_region
+from sppnet_monai.slide_inference import SlideSegmenter, level_region
 from sppnet_monai.utils import SPPNetError, root_message
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class ClickSegmenter:
         self._image: tuple[tuple, dict] | None = None  # the last image read: (key, loaded data)
         self._open_slide: tuple[tuple, Slide] | None = None  # the last slide read: (key, slide)
         self._predictor = None
+        self._segmenter: SlideSegmenter | None = None  # the predictor's slide path (tile context from the config)
         self._model_stamp: tuple | None = None
         self._lock = threading.RLock()
 
@@ -146,6 +147,7 @@ class ClickSegmenter:
         if self._predictor is None or stamp != self._model_stamp:
             logger.info("loading SPPNet from %s", checkpoint)
             self._predictor = Predictor(str(checkpoint), self.config, **self.overrides)
+            self._segmenter = SlideSegmenter(self._predictor, **self._predictor.slide_inference)
             self._model_stamp = stamp
             self._cache.clear()
         return self._predictor
@@ -324,8 +326,8 @@ class ClickSegmenter:
             width, height = slide.size(level)
             window = _covering_window(area, width, height, size) if fg else None
             if window is None:
-                segmenter = SlideSegmenter(predictor, tile_size=max(MIN_TILE, min(MAX_TILE, max(aw, ah))), **_margin(predictor))
-                records = segmenter.segment_tile(slide, level, area, fg, bg, scale)
+                # MONAI Label already cut the region into tiles (their size checked by check_wsi_request).
+                records = self._segmenter.segment_tile(slide, level, area, fg, bg, scale)
                 info = {"mode": "automatic" if not fg else "tiled", "windows": []}
             else:
                 x0, y0, w, h = window
@@ -347,11 +349,6 @@ class ClickSegmenter:
             info.update(encoder_runs=self.encoder_runs, cached_embeddings=len(self._cache), nuclei_count=len(records))
         return records, info
 
-
-
-def _margin(predictor) -> dict:
-    """The config's tile context for SlideSegmenter (the app's tile size is MONAI Label's, not the config's)."""
-    return {"margin": predictor.slide_inference["margin"]} if "margin" in predictor.slide_inference else {}
 
 
 def _covering_window(area: tuple, width: int, height: int, size: int) -> tuple | None:

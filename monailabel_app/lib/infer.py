@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 LABEL_NAMES = {"nuclei": 1}
 # Keys MONAI Label's WSI protocol puts in each tile's request (``create_infer_wsi_tasks``).
 WSI_KEYS = ("location", "size", "tile_size")
+# The 400 for a WSI request that names no slide (checked by the route and again by the app).
+NO_SLIDE = "give the slide: ?image=<datastore id> (or upload it as 'file' to /infer/wsi_v2)."
 
 
 def is_wsi_request(request: Dict[str, Any]) -> bool:

@@ -24,6 +24,7 @@ from monailabel.endpoints import train as monailabel_train
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
+from lib.infer import NO_SLIDE
 from lib.train import TrainingFailed, TrainRequestError, train_overrides
 
 # One run_sync training at a time: MONAI Label refuses a second background training (429) but cannot
@@ -62,7 +63,7 @@ async def infer_wsi(
 ) -> Any:
     """MONAI Label's ``/infer/wsi/{model}`` handler (QuPath, DSA) after checking that a slide is named (400)."""
     if not (image or session_id):
-        raise HTTPException(status_code=400, detail="give the slide: ?image=<datastore id> (or upload it as 'file' to /infer/wsi_v2).")
+        raise HTTPException(status_code=400, detail=NO_SLIDE)
     return monailabel_wsi_infer.run_wsi_inference(background_tasks, model, image, session_id, None, wsi, output)
 
 

@@ -192,11 +192,17 @@ def nuclei_slide_tile(origin: tuple[int, int], shape: tuple[int, int], centres: 
     on its own, so a large slide is written tile by tile."""
     x0, y0 = origin
     h, w = shape
-    rows, cols = np.mgrid[y0 : y0 + h, x0 : x0 + w]
     stain = np.zeros(shape)
     near = centres[(np.abs(centres[:, 0] - (x0 + w / 2)) < w / 2 + radius) & (np.abs(centres[:, 1] - (y0 + h / 2)) < h / 2 + radius)]
-    for cx, cy in near:
-        stain = np.maximum(stain, ((cols - cx) ** 2 + (rows - cy) ** 2 < radius**2) * 1.0)
+    reach = int(np.ceil(radius))
+    for cx, cy in near:  # each disk drawn in its own bounding box, not over the whole tile
+        top, left = max(0, int(cy) - reach - y0), max(0, int(cx) - reach - x0)
+        bottom, right = min(h, int(cy) + reach + 2 - y0), min(w, int(cx) + reach + 2 - x0)
+        if top >= bottom or left >= right:
+            continue
+        rows, cols = np.mgrid[y0 + top : y0 + bottom, x0 + left : x0 + right]
+        box = stain[top:bottom, left:right]
+        np.maximum(box, (cols - cx) ** 2 + (rows - cy) ** 2 < radius**2, out=box)
     density = 0.25 * EOSIN[None, None] + stain[..., None] * (1.1 * HAEMATOXYLIN[None, None])
     return (255 * np.exp(-density)).round().clip(0, 255).astype(np.uint8)
 

@@ -229,6 +229,11 @@ class SPPNet(nn.Module):
         return self._recipe["instance_head"]
 
     @property
+    def out_channels(self) -> int:
+        """Channels of :meth:`forward`'s logits: the mask, then the instance map or SAM's other candidates."""
+        return 3 if self.multimask_output else 1 + int(self.instance_head is not None)
+
+    @property
     def recipe(self) -> Dict[str, Any]:
         """The settings this network's weights only make sense with, and the package version that saved them.
 
