@@ -44,8 +44,7 @@ def _seeds(
         exclude_border=False,
     )
     if split_depth > 0:
-        flattened = morphology.reconstruction(distance - split_depth, distance, method="dilation")
-        plateaus = morphology.local_maxima(flattened, connectivity=2, allow_borders=True) & (components > 0)
+        plateaus = _h_maxima(distance, components > 0, peaks, split_depth)
     else:  # only touching peaks (a plateau of equal distance) are one centre
         plateaus = np.zeros(distance.shape, dtype=bool)
         plateaus[tuple(peaks.T)] = True
@@ -58,6 +57,36 @@ def _seeds(
     # components diagonally, so that one marker never floods two separate components.
     pairs = np.where(kept[groups], groups.astype(np.int64) * (int(components.max()) + 1) + components, 0)
     return relabel_consecutive(pairs, np.int32)
+
+
+def _h_maxima(distance: np.ndarray, mask: np.ndarray, peaks: np.ndarray, depth: float) -> np.ndarray:
+    """``(H, W)`` bool: the regional maxima of the reconstruction of ``distance - depth`` under ``distance``,
+    where they matter.
+
+    The reconstruction never crosses the background (``distance`` is 0 there, below every nucleus value),
+    so it is computed blob by blob (8-connected, as its flooding), on each blob's box: skimage sorts every
+    pixel of the image it is given, which over a whole slide tile cost more than the network. A blob with
+    a single peak needs none: its peak is its one centre whatever the plateau around it, and the watershed
+    gives the blob the same label from it.
+    """
+    plateaus = np.zeros(distance.shape, dtype=bool)
+    blobs, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    peak_blobs = blobs[tuple(peaks.T)]
+    counts = np.bincount(peak_blobs, minlength=int(blobs.max()) + 1)
+    single = counts[peak_blobs] == 1
+    plateaus[tuple(peaks[single].T)] = True
+    boxes = ndimage.find_objects(blobs)
+    for blob in np.flatnonzero(counts > 1):
+        rows, cols = boxes[blob - 1]
+        box = (
+            slice(max(rows.start - 1, 0), rows.stop + 1),  # one pixel of background around it, as in the image
+            slice(max(cols.start - 1, 0), cols.stop + 1),
+        )
+        inside = blobs[box] == blob
+        local = np.where(inside, distance[box], 0.0)
+        flattened = morphology.reconstruction(local - depth, local, method="dilation")
+        plateaus[box] |= morphology.local_maxima(flattened, connectivity=2, allow_borders=True) & inside
+    return plateaus
 
 
 def instances_from_semantic(

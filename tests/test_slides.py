@@ -21,6 +21,7 @@ from PIL import Image
 
 from sppnet_monai.data.slides import Slide
 from sppnet_monai.data.synthetic import nuclei_slide_tile, write_nuclei_slide
+from sppnet_monai.inferers import WindowLogitCache, window_grid
 from sppnet_monai.predict import Predictor, run_predict
 from sppnet_monai.slide_inference import SlideSegmenter
 from sppnet_monai.utils import SPPNetError
@@ -92,6 +93,22 @@ def test_every_nucleus_once_and_whole_whatever_the_tiles(slide_path, predictor):
     assert border["area"] > 0.9 * np.median([r["area"] for r in results[256]])  # whole, not cut at the tile border
     xs = [x for x, _ in border["contour"]]
     assert min(xs) < 256 - RADIUS / 2 and max(xs) > 256 + RADIUS / 2
+
+
+def test_tiles_reuse_the_windows_they_share_with_the_same_result(slide_path):
+    """The window cache: each window of the level's grid runs once, and the nuclei are those without the cache."""
+    results, caches = {}, {}
+    for size in (0, 64):
+        cached = Predictor(window_cache_size=size)
+        with Slide(slide_path) as slide:
+            results[size] = [n for _, _, ns in SlideSegmenter(cached, 256, 64).segment_region(slide) for n in ns]
+        caches[size] = cached.inferer.window_cache
+    assert results[64] == results[0]
+    grid = len(window_grid((HEIGHT, WIDTH), (256, 256), cached.inferer.overlap))
+    assert caches[64].misses == grid and caches[64].hits > 0  # the 6 tiles meet the grid's windows more than once each
+    assert caches[0].hits == caches[0].misses == 0 and len(caches[64]) <= 64
+    with pytest.raises(SPPNetError, match="window_cache_size"):
+        WindowLogitCache(-1)
 
 
 def test_predict_slide_writes_qupath_geojson_and_csv_and_resumes(slide_path, predictor, tmp_path, monkeypatch):
