@@ -127,7 +127,8 @@ def glass_comparison(out: Path, size: int) -> dict:
     report: dict = {"size": size, "tissue_fraction": round(np.pi * tissue_radius**2 / size**2, 3), "disks": len(centres)}
     # Without the window cache in both runs: it would also spare the glass windows here, which are all
     # alike on this noiseless synthetic background (on a scanned slide glass windows differ).
-    for name, overrides in (("skip_glass", {"window_cache_size": 0}), ("every_window", {"min_stain_density": None, "window_cache_size": 0})):
+    no_cache = {"slide_inference#window_cache_mib": 0}
+    for name, overrides in (("skip_glass", no_cache), ("every_window", {"min_stain_density": None, **no_cache})):
         run_out = out / f"glass_{name}"
         result = run_child(slide, run_out, f"0,0,{size},{size}", overrides)
         features = json.loads((run_out / "glass_slide_nuclei.geojson").read_text())["features"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -38,50 +39,47 @@ class PromptedSlidingWindowInferer(SlidingWindowInferer):
     it in some channel. They get :data:`GLASS_LOGIT` (no nucleus) without running the network, which on
     glass costs the time of a tissue window and can only add false nuclei.
 
-    Args:
-        min_stain_density: optical density below which a pixel is unstained (None: run every window).
-            Macenko et al. (ISBI 2009) drop pixels under 0.15 as transparent; nuclei are far denser.
-    With ``window_cache_size``, the logits of the last windows computed are kept, keyed by the window's
-    content (pixels and click maps) and the network: a window met again, as the tiles of a slide meet
-    the windows of their neighbours' context, is not run twice. Only for a network whose weights no
-    longer change (inference); the cache holds ``window_cache_size`` windows' logits.
+    A call given a ``window_cache`` (:class:`WindowLogitCache`) runs only the windows it does not hold:
+    slide tiles (:class:`~sppnet_monai.slide_inference.SlideSegmenter`) share windows with their neighbours.
 
     Args:
         min_stain_density: optical density below which a pixel is unstained (None: run every window).
             Macenko et al. (ISBI 2009) drop pixels under 0.15 as transparent; nuclei are far denser.
         min_stain_pixels: stained pixels a window needs to be run (at least the smallest nucleus kept).
-        window_cache_size: windows whose logits are kept (0: none).
         kwargs: :class:`SlidingWindowInferer` arguments (``roi_size``, ``overlap``, ``mode``, ...).
     """
 
-    def __init__(
-        self, *args: Any, min_stain_density: float | None = None, min_stain_pixels: int = 10, window_cache_size: int = 0, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, min_stain_density: float | None = None, min_stain_pixels: int = 10, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if min_stain_density is not None and (isinstance(min_stain_density, bool) or not isinstance(min_stain_density, (int, float)) or min_stain_density <= 0):
+            raise SPPNetError(f"min_stain_density must be a positive optical density or None, got {min_stain_density!r}.")
+        if isinstance(min_stain_pixels, bool) or not isinstance(min_stain_pixels, int) or min_stain_pixels < 1:
+            raise SPPNetError(f"min_stain_pixels must be a positive number of pixels, got {min_stain_pixels!r}.")
         self.min_stain_density = min_stain_density
-        self.min_stain_pixels = int(min_stain_pixels)
-        self.window_cache = WindowLogitCache(window_cache_size)
+        self.min_stain_pixels = min_stain_pixels
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any):
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, window_cache: WindowLogitCache | None = None, **kwargs: Any
+    ):
         if isinstance(network, SPPNet) and self.min_stain_density is not None:
             prompted = lambda windows, *a, **k: self._run_stained(windows, network, *a, **k)  # noqa: E731
         else:
             prompted = lambda windows, *a, **k: network(self.prompt_windows(windows), *a, **k)  # noqa: E731
-        if self.window_cache.capacity:
-            prompted = self.window_cache.wrap(prompted, network)
+        if window_cache is not None:
+            prompted = window_cache.wrap(prompted, network)
         roi_size = ensure_tuple_rep(self.roi_size, inputs.ndim - 2)
         if isinstance(network, SPPNet) and all(size <= roi for size, roi in zip(inputs.shape[2:], roi_size)):
             return prompted(inputs, *args, **kwargs)  # SPPNet pads a small image itself, as in training
         return super().__call__(inputs, prompted, *args, **kwargs)
 
     def _run_stained(self, windows: torch.Tensor, network: SPPNet, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``network``'s logits for the stained windows of ``(B, 5, h, w)``, :data:`GLASS_LOGIT` for the others."""
+        """``network``'s logits (float32) for the stained windows of ``(B, 5, h, w)``, :data:`GLASS_LOGIT` for the others."""
         stained = self.stained_windows(windows[:, :3])
         if bool(stained.all()):
-            return network(self.prompt_windows(windows), *args, **kwargs)
-        logits = windows.new_full((windows.shape[0], network.out_channels, *windows.shape[2:]), GLASS_LOGIT)
+            return network(self.prompt_windows(windows), *args, **kwargs).float()
+        logits = windows.new_full((windows.shape[0], network.out_channels, *windows.shape[2:]), GLASS_LOGIT, dtype=torch.float32)
         if bool(stained.any()):
-            logits[stained] = network(self.prompt_windows(windows[stained]), *args, **kwargs).to(logits.dtype)
+            logits[stained] = network(self.prompt_windows(windows[stained]), *args, **kwargs).float()
         return logits
 
     def stained_windows(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -108,45 +106,65 @@ class PromptedSlidingWindowInferer(SlidingWindowInferer):
 
 
 class WindowLogitCache:
-    """Least-recently-used logits of network windows, keyed by the window's bytes and the network.
+    """The least recently used window logits of one network, up to ``max_mib`` MiB, keyed by the window's bytes.
 
-    MONAI's caches hold data, not predictions, and ``functools.lru_cache`` cannot key on tensors: hence
-    this one. A 128-bit BLAKE2 digest of a 5 x 256 x 256 window costs about a millisecond, the network 70.
+    A key is the whole network input of the window (pixels and click maps), so a window comes back only
+    with the prompts it was computed with. Entries belong to the network of the last call: another network
+    empties the cache. Used under ``torch.no_grad()`` with weights that no longer change (inference); with
+    gradients on, or extra network arguments, calls go straight to the network. Not thread-safe (the app
+    calls it under its lock). MONAI's caches hold data, not predictions, and ``functools.lru_cache``
+    cannot key on tensors: hence this one. A BLAKE2 digest of a 5 x 256 x 256 window costs about 1 ms on
+    the CPU, against about 70 ms for the network there.
     """
 
-    def __init__(self, capacity: int = 0) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise SPPNetError(f"window_cache_size must be a non-negative number of windows, got {capacity!r}.")
-        self.capacity = capacity
+    def __init__(self, max_mib: float = 128) -> None:
+        if isinstance(max_mib, bool) or not isinstance(max_mib, (int, float)) or max_mib < 0:
+            raise SPPNetError(f"window_cache_mib must be a non-negative number of MiB, got {max_mib!r}.")
+        self.max_bytes = int(max_mib * 2**20)
         self.hits = self.misses = 0
         self._logits: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._network: weakref.ref | None = None
 
     def __len__(self) -> int:
         return len(self._logits)
 
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
     def clear(self) -> None:
         self._logits.clear()
+        self._bytes = 0
 
     def wrap(self, run: Callable[..., torch.Tensor], network: Any) -> Callable[..., torch.Tensor]:
-        """``run`` (windows ``(B, C, h, w)`` to logits ``(B, M, h, w)``), computing only the windows not cached."""
+        """``run`` (windows ``(B, C, h, w)`` to logits ``(B, M, h, w)``) of ``network``, computing only the windows not held."""
+        if self._network is None or self._network() is not network:
+            self.clear()
+            self._network = weakref.ref(network)
 
         def cached(windows: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            keys = [(id(network), tuple(window.shape), hashlib.blake2b(window.cpu().numpy().tobytes(), digest_size=16).digest()) for window in windows]
+            if args or kwargs or torch.is_grad_enabled() or not self.max_bytes:
+                return run(windows, *args, **kwargs)
+            keys = [(tuple(window.shape), hashlib.blake2b(window.cpu().numpy().tobytes(), digest_size=16).digest()) for window in windows]
             missing = [index for index, key in enumerate(keys) if key not in self._logits]
             self.hits += len(keys) - len(missing)
             self.misses += len(missing)
-            computed = dict(zip(missing, run(windows[missing], *args, **kwargs))) if missing else {}
+            computed = dict(zip(missing, run(windows[missing]).detach())) if missing else {}
             if len(computed) > 1:  # a kept window must not hold its whole batch's output in memory
                 computed = {index: logit.clone() for index, logit in computed.items()}
             logits = []
             for index, key in enumerate(keys):
                 if index in computed:
+                    if key not in self._logits:  # the same window twice in one batch is stored once
+                        self._bytes += computed[index].numel() * computed[index].element_size()
                     self._logits[key] = computed[index]
                 else:
                     self._logits.move_to_end(key)
                 logits.append(self._logits[key])
-            while len(self._logits) > self.capacity:
-                self._logits.popitem(last=False)
+            while self._bytes > self.max_bytes and self._logits:
+                _, dropped = self._logits.popitem(last=False)
+                self._bytes -= dropped.numel() * dropped.element_size()
             return torch.stack(logits)
 
         return cached

@@ -63,11 +63,13 @@ def _h_maxima(distance: np.ndarray, mask: np.ndarray, peaks: np.ndarray, depth: 
     """``(H, W)`` bool: the regional maxima of the reconstruction of ``distance - depth`` under ``distance``,
     where they matter.
 
-    The reconstruction never crosses the background (``distance`` is 0 there, below every nucleus value),
-    so it is computed blob by blob (8-connected, as its flooding), on each blob's box: skimage sorts every
-    pixel of the image it is given, which over a whole slide tile cost more than the network. A blob with
-    a single peak needs none: its peak is its one centre whatever the plateau around it, and the watershed
-    gives the blob the same label from it.
+    Blobs (8-connected, as the reconstruction floods) do not exchange values: between them lies background,
+    where the reconstruction is capped by ``distance`` = 0. So it is computed blob by blob on each blob's box
+    with a ring of background: skimage sorts every pixel of the image it is given, which over a slide tile's
+    context took a third of the network's time. A blob with a single peak needs none: that peak is its one
+    centre whatever the plateau around it. The nuclei are those of the whole-image computation up to the
+    watershed's ties (its queue holds the markers of every blob), which can move a few pixels between
+    touching nuclei.
     """
     plateaus = np.zeros(distance.shape, dtype=bool)
     blobs, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))

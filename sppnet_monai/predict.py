@@ -23,6 +23,7 @@ from tqdm import tqdm
 from sppnet_monai.clicks import click_pixels
 from sppnet_monai.data.image_io import write_png
 from sppnet_monai.data.slides import Region, Slide, parse_region
+from sppnet_monai.inferers import WindowLogitCache
 from sppnet_monai.nuclei import nuclei_records, read_jsonl, write_nuclei
 from sppnet_monai.postprocess import instances_from_head, instances_from_semantic
 from sppnet_monai.slide_inference import SlideSegmenter, level_region, tile_grid
@@ -138,17 +139,18 @@ class Predictor:
         return torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda")
 
     @torch.no_grad()
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
+    def logits(self, image: torch.Tensor, window_cache: WindowLogitCache | None = None) -> torch.Tensor:
         """Logits ``(C, H, W)`` of a prepared ``(5, H, W)`` image (tiled if larger than the network input):
         the nuclei mask, then the instance head's map when the network has one.
 
         With the config's ``flip_tta``, the mean of the logits of the image and of its three flips
-        (clicks flip with it, as channels of the input).
+        (clicks flip with it, as channels of the input). ``window_cache`` spares windows already computed.
         """
         batch = image[None].to(self.device)
         flips = [(), (-1,), (-2,), (-2, -1)] if self.flip_tta else [()]
+        cache = {} if window_cache is None else {"window_cache": window_cache}
         with self.autocast():
-            total = sum(self._flip(self.inferer(self._flip(batch, dims), self.network), dims).float() for dims in flips)
+            total = sum(self._flip(self.inferer(self._flip(batch, dims), self.network, **cache), dims).float() for dims in flips)
         return total[0] / len(flips)
 
     @staticmethod

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sppnet_monai.data.slides import Region, Slide
-from sppnet_monai.inferers import window_grid
+from sppnet_monai.inferers import WindowLogitCache, window_grid
 from sppnet_monai.nuclei import nuclei_records
 from sppnet_monai.utils import SPPNetError
 
@@ -69,14 +69,19 @@ class SlideSegmenter:
         predictor: the loaded bundle inference (network, transforms, inferer, instance rule).
         tile_size: tile side in pixels of the level read.
         margin: context around a tile, in pixels of the level read.
+        window_cache_mib: memory for the logits of windows already computed (:class:`WindowLogitCache`), which
+            the next tiles of the row and of the next row need again for their context. Tiles go row by
+            row, so each window runs once while a row of tiles' windows fits (about 8192 pixels wide
+            per 128 MiB for a one-channel network at image_size 256); wider, the row below recomputes some.
     """
 
-    def __init__(self, predictor, tile_size: int = 1024, margin: int = 64) -> None:
+    def __init__(self, predictor, tile_size: int = 1024, margin: int = 64, window_cache_mib: float = 0) -> None:
         self.predictor = predictor
         self.tile_size = check_tile_size(tile_size)
         if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
             raise SPPNetError(f"margin must be a non-negative integer number of pixels, got {margin!r}.")
         self.margin = int(margin)
+        self.window_cache = WindowLogitCache(window_cache_mib)
         self._axes: dict[tuple[int, int], np.ndarray] = {}
 
     def _starts(self, length: int) -> tuple[np.ndarray, int]:
@@ -116,7 +121,7 @@ class SlideSegmenter:
             return [[int(x) - x0, int(y) - y0] for x, y in clicks if x0 <= x < x1 and y0 <= y < y1]
 
         image = self.predictor.encode_clicks({"image": rgb, "foreground": local(foreground), "background": local(background)})
-        logits = self.predictor.logits(image)
+        logits = self.predictor.logits(image, self.window_cache)
         mask = self.predictor.mask(logits)
         instances = self.predictor.split_nuclei(mask, self.predictor.head_map(logits))
         left, top = tx - x0, ty - y0

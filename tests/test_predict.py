@@ -100,6 +100,10 @@ def test_glass_windows_are_skipped_and_stained_ones_unchanged():
     with torch.no_grad():  # a small image of glass alone: no network run at all
         blank = PromptedSlidingWindowInferer(min_stain_density=0.15, **kwargs)(image[..., 64:128], net)
     assert net.windows == 2 and blank.shape == (1, 1, 64, 64) and (blank == GLASS_LOGIT).all()
+    with pytest.raises(SPPNetError, match="min_stain_density must be a positive optical density or None, got '0.15'"):
+        PromptedSlidingWindowInferer(min_stain_density="0.15", **kwargs)
+    with pytest.raises(SPPNetError, match="min_stain_pixels must be a positive number of pixels, got 0"):
+        PromptedSlidingWindowInferer(min_stain_density=0.15, min_stain_pixels=0, **kwargs)
 
 
 def test_predict_cli_writes_masks_and_instances(checkpoint, images, tmp_path):

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
+import torch
 from PIL import Image
 
 from sppnet_monai.data.slides import Slide
 from sppnet_monai.data.synthetic import nuclei_slide_tile, write_nuclei_slide
-from sppnet_monai.inferers import WindowLogitCache, window_grid
+from sppnet_monai.inferers import PromptedSlidingWindowInferer, WindowLogitCache, window_grid
+from sppnet_monai.networks import SPPNet
 from sppnet_monai.predict import Predictor, run_predict
 from sppnet_monai.slide_inference import SlideSegmenter
 from sppnet_monai.utils import SPPNetError
@@ -95,20 +97,43 @@ def test_every_nucleus_once_and_whole_whatever_the_tiles(slide_path, predictor):
     assert min(xs) < 256 - RADIUS / 2 and max(xs) > 256 + RADIUS / 2
 
 
-def test_tiles_reuse_the_windows_they_share_with_the_same_result(slide_path):
+def test_tiles_reuse_the_windows_they_share_with_the_same_result(slide_path, predictor):
     """The window cache: each window of the level's grid runs once, and the nuclei are those without the cache."""
     results, caches = {}, {}
-    for size in (0, 64):
-        cached = Predictor(window_cache_size=size)
+    for mib in (0, 64):
+        segmenter = SlideSegmenter(predictor, 256, 64, window_cache_mib=mib)
         with Slide(slide_path) as slide:
-            results[size] = [n for _, _, ns in SlideSegmenter(cached, 256, 64).segment_region(slide) for n in ns]
-        caches[size] = cached.inferer.window_cache
+            results[mib] = [n for _, _, ns in segmenter.segment_region(slide) for n in ns]
+        caches[mib] = segmenter.window_cache
     assert results[64] == results[0]
-    grid = len(window_grid((HEIGHT, WIDTH), (256, 256), cached.inferer.overlap))
+    grid = len(window_grid((HEIGHT, WIDTH), (256, 256), predictor.inferer.overlap))
     assert caches[64].misses == grid and caches[64].hits > 0  # the 6 tiles meet the grid's windows more than once each
-    assert caches[0].hits == caches[0].misses == 0 and len(caches[64]) <= 64
-    with pytest.raises(SPPNetError, match="window_cache_size"):
+    assert caches[0].hits == caches[0].misses == 0 and len(caches[0]) == 0
+    # A cache smaller than the tiles' windows keeps within its size, and still gives the same nuclei.
+    window_bytes = 256 * 256 * 4  # one float32 logit channel of a 256 window (the shipped model)
+    small = SlideSegmenter(predictor, 256, 64, window_cache_mib=3 * window_bytes / 2**20)
+    with Slide(slide_path) as slide:
+        assert [n for _, _, ns in small.segment_region(slide) for n in ns] == results[0]
+    assert len(small.window_cache) <= 3 and small.window_cache.nbytes <= 3 * window_bytes and small.window_cache.misses > grid
+    with pytest.raises(SPPNetError, match="window_cache_mib"):
         WindowLogitCache(-1)
+
+
+def test_window_cache_belongs_to_one_network_and_stays_out_of_gradients():
+    torch.manual_seed(0)
+    first, second = SPPNet(image_size=64).eval(), SPPNet(image_size=64).eval()
+    image = torch.zeros(1, 5, 64, 64)
+    image[:, :3] = torch.randn(1, 3, 64, 64)
+    image[0, 3, 30, 30] = 1.0
+    inferer, cache = PromptedSlidingWindowInferer(roi_size=(64, 64)), WindowLogitCache(8)
+    with torch.no_grad():
+        a = inferer(image, first, window_cache=cache)
+        assert torch.equal(inferer(image, first, window_cache=cache), a) and cache.hits == 1
+        b = inferer(image, second, window_cache=cache)  # another network: its own logits, not the first one's
+        assert torch.equal(b, inferer(image, second)) and not torch.equal(a, b) and len(cache) == 1
+    with torch.enable_grad():
+        out = inferer(image, second, window_cache=cache)
+    assert out.requires_grad and cache.misses == 2 and not any(t.requires_grad for t in cache._logits.values())
 
 
 def test_predict_slide_writes_qupath_geojson_and_csv_and_resumes(slide_path, predictor, tmp_path, monkeypatch):

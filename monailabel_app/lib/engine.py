@@ -320,14 +320,17 @@ class ClickSegmenter:
             region = None if region is None or not all(region[2:]) else tuple(int(v) for v in region)
             area, scale = level_region(slide, region, level)
             ax, ay, aw, ah = area
-            in_area = lambda clicks: [[x / scale, y / scale] for x, y in clicks if ax <= x / scale < ax + aw and ay <= y / scale < ay + ah]  # noqa: E731
-            fg, bg = in_area(foreground), in_area(background)
+            in_area = lambda clicks: [[x, y] for x, y in clicks if ax <= x / scale < ax + aw and ay <= y / scale < ay + ah]  # noqa: E731
+            foreground, background = in_area(foreground), in_area(background)  # level 0
+            fg, bg = ([[x / scale, y / scale] for x, y in clicks] for clicks in (foreground, background))  # level pixels
             size = predictor.image_size
             width, height = slide.size(level)
             window = _covering_window(area, width, height, size) if fg else None
             if window is None:
-                # MONAI Label already cut the region into tiles (their size checked by check_wsi_request).
-                records = self._segmenter.segment_tile(slide, level, area, fg, bg, scale)
+                # MONAI Label cuts a region into tiles of the request's tile_size; a larger area (a direct
+                # request, size 0 for the whole image) still goes tile by tile, in the memory of one tile.
+                tiles = self._segmenter.segment_region(slide, region, level, foreground, background)
+                records = [record for _, _, tile_records in tiles for record in tile_records]
                 info = {"mode": "automatic" if not fg else "tiled", "windows": []}
             else:
                 x0, y0, w, h = window
