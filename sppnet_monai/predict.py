@@ -108,7 +108,7 @@ class Predictor:
         self.discretize = AsDiscrete(threshold=self.threshold)
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
         self.head_postprocess = dict(parser.get_parsed_content("head_postprocess", default={}))
-        self.slide_inference = dict(parser.get_parsed_content("slide_inference", default={}))  # SlideSegmenter's tile_size, margin
+        self.slide_inference = dict(parser.get_parsed_content("slide_inference", default={}))  # SlideSegmenter's arguments
         self.flip_tta = bool(parser.get_parsed_content("flip_tta", default=False))
         self.split_by_head = bool(parser.get_parsed_content("split_by_head", default=True))
         # What the network's second channel is: the config's instance_head, which also built the network.

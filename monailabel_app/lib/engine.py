@@ -88,11 +88,16 @@ def parse_clicks(value: Any, name: str) -> list[list[float]]:
     return clicks
 
 
-def _window_origin(click: int, length: int, size: int) -> int:
+def _grid_origins(length: int, size: int) -> list[int]:
+    """Window starts of the click grid along an axis of ``length``: side ``size``, stride ``size / 2``, the last
+    one flush with the border (one window from 0 when the axis is no longer than a window)."""
     if length <= size:
-        return 0
-    origins = list(range(0, length - size, size // 2)) + [length - size]
-    return min(origins, key=lambda o: abs(o + size / 2 - click))
+        return [0]
+    return list(range(0, length - size, size // 2)) + [length - size]
+
+
+def _window_origin(click: int, length: int, size: int) -> int:
+    return min(_grid_origins(length, size), key=lambda o: abs(o + size / 2 - click))
 
 
 def choose_window(x: int, y: int, width: int, height: int, size: int) -> tuple[int, int, int, int]:
@@ -353,16 +358,12 @@ class ClickSegmenter:
         return records, info
 
 
-
 def _covering_window(area: tuple, width: int, height: int, size: int) -> tuple | None:
-    """The window of the click grid (side ``size``, stride ``size / 2``, last one flush with the border) that holds
-    all of ``area`` ``(x, y, w, h)`` with its centre nearest the area's; None if no window holds it."""
+    """The window of the click grid (:func:`_grid_origins`) that holds all of ``area`` ``(x, y, w, h)`` with its
+    centre nearest the area's; None if no window holds it."""
     origin = []
     for start, extent, length in ((area[0], area[2], width), (area[1], area[3], height)):
-        if length <= size:
-            origin.append(0)
-            continue
-        starts = [o for o in list(range(0, length - size, size // 2)) + [length - size] if o <= start and start + extent <= o + size]
+        starts = [o for o in _grid_origins(length, size) if o <= start and start + extent <= o + size]
         if not starts:
             return None
         origin.append(min(starts, key=lambda o: abs(o + size / 2 - (start + extent / 2))))
