@@ -1,7 +1,7 @@
 """The bundle README's validation table: SPPNet, the U-Net baseline and the classical baseline, both click protocols.
 
 Usage:
-    python scripts/validation_table.py PREPARED_DIR OUTPUT_DIR [--sppnet CKPT] [--unet CKPT] [--ablation]
+    python scripts/validation_table.py PREPARED_DIR OUTPUT_DIR [--sppnet CKPT] [--previous CKPT] [--unet CKPT] [--ablation]
 
 Every row is one ``python -m sppnet_monai evaluate`` run (its command is printed in the row); each
 writes ``OUTPUT_DIR/<row>/metrics.json`` and ``metrics.csv`` with the per-image scores. Prints and
@@ -21,7 +21,7 @@ from sppnet_monai.predict import DEFAULT_CONFIG
 
 CONFIGS = Path(DEFAULT_CONFIG).parent
 UNET_CONFIG = [str(DEFAULT_CONFIG), str(CONFIGS / "unet_inference.json")]
-COLUMNS = ("dice", "iou", "dice_256", "iou_256", "aji", "pq", "f1")
+COLUMNS = ("dice", "iou", "dice_256", "iou_256", "aji", "pq", "f1", "clicked_dice")
 
 
 def rows(args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -31,6 +31,11 @@ def rows(args: argparse.Namespace) -> list[tuple[str, dict]]:
         ("SPPNet, prompted", {**sppnet, "protocol": "prompted"}),
         ("SPPNet, automatic", {**sppnet, "protocol": "automatic"}),
     ]
+    if args.previous:
+        table += [
+            ("SPPNet, previous release, prompted", {"checkpoint": args.previous, "protocol": "prompted"}),
+            ("SPPNet, previous release, automatic", {"checkpoint": args.previous, "protocol": "automatic"}),
+        ]
     if args.unet:
         table += [
             ("U-Net, prompted", {"checkpoint": args.unet, "config": UNET_CONFIG, "protocol": "prompted"}),
@@ -71,14 +76,15 @@ def main() -> None:
     parser.add_argument("dataset_dir")
     parser.add_argument("output_dir")
     parser.add_argument("--sppnet", default=None, help="SPPNet checkpoint (default: the shipped model)")
+    parser.add_argument("--previous", default=None, help="another SPPNet checkpoint to compare, e.g. the previous release")
     parser.add_argument("--unet", default=None, help="U-Net baseline model.pt trained with the same recipe")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--ablation", action="store_true")
     args = parser.parse_args()
     out = Path(args.output_dir)
     results, lines = [], []
-    header = "| model, protocol | Dice | IoU | Dice 256 | IoU 256 | AJI | PQ | F1 | AJI, PQ (outlined images) |"
-    lines += [header, "|" + "---|" * 9]
+    header = "| model, protocol | Dice | IoU | Dice 256 | IoU 256 | AJI | PQ | F1 | clicked-nucleus Dice | AJI, PQ (outlined images) |"
+    lines += [header, "|" + "---|" * 10]
     for index, (name, kwargs) in enumerate(rows(args)):
         row_dir = out / f"row{index}"
         result = run_evaluate(args.dataset_dir, str(row_dir), split=args.split, **kwargs)

@@ -18,6 +18,7 @@ from torch import nn
 
 from sppnet_monai.networks import SPPNet
 from sppnet_monai.networks.complexity import count_macs, network_info
+from sppnet_monai.precision import autocast, cpu_has_bf16
 from sppnet_monai.workflows.setup import reuse_freed_memory
 
 __all__ = ["run_benchmark", "time_call"]
@@ -127,6 +128,7 @@ def run_benchmark(
         "seconds_per_extra_click_cached_embedding": window_click,
     }
     report["sppnet_training"] = _training_speed(train_crop, train_batch, max(2, repeats // 2), 1)
+    report["precision"] = _precision_figures(train_crop, train_batch, repeats, warmup)
     report["sam_vit_b"] = _sam_figures("vit_b", sam_repeats, 1, with_macs=True)
     if sam_vit_h:
         report["sam_vit_h"] = _sam_figures("vit_h", sam_repeats, 1, with_macs=True)
@@ -146,24 +148,59 @@ def run_benchmark(
     return report
 
 
+def _precision_figures(crop: int, batch: int, repeats: int, warmup: int) -> dict:
+    """The native-resolution network (``mask_stride`` 1, both heads) at ``crop`` in float32 and under bfloat16
+    autocast (the bundles' ``cpu_bf16``): per window, per extra click and per training step; bf16 only where
+    the CPU has bfloat16 units."""
+    native = {"mask_stride": 1, "instance_head": "distance", "click_head": True}
+    figures: dict = {"cpu_has_bf16": cpu_has_bf16(), "network": {"image_size": crop, **native}}
+    for name, bf16 in (("float32", False), ("bfloat16", True)):
+        if bf16 and not cpu_has_bf16():
+            break
+        torch.manual_seed(0)
+        window, click = _inference_speed(SPPNet(image_size=crop, **native).optimize_for_inference(), repeats, warmup, bf16)
+        figures[name] = {
+            "seconds_per_window": window,
+            "seconds_per_extra_click_cached_embedding": click,
+            "training": _training_speed(crop, batch, max(2, repeats // 2), 1, bf16, **native),
+        }
+    if "bfloat16" in figures:
+        f32, b16 = figures["float32"], figures["bfloat16"]
+        figures["float32_over_bfloat16_seconds"] = {
+            "window": f32["seconds_per_window"] / b16["seconds_per_window"],
+            "extra_click": f32["seconds_per_extra_click_cached_embedding"] / b16["seconds_per_extra_click_cached_embedding"],
+            "training_step": f32["training"]["seconds_per_step"] / b16["training"]["seconds_per_step"],
+        }
+    return figures
+
+
 @torch.no_grad()
-def _inference_speed(net: SPPNet, repeats: int, warmup: int) -> tuple[float, float]:
-    """Seconds per image end to end, and per extra click decoded against the cached embedding."""
+def _inference_speed(net: SPPNet, repeats: int, warmup: int, bf16: bool = False) -> tuple[float, float]:
+    """Seconds per image end to end, and per extra click decoded against the cached embedding (``bf16``: under CPU autocast)."""
     size = net.image_size
     image = _sppnet_input(size)
-    end_to_end = time_call(lambda: net(image), repeats, warmup)
-    features = net.encode(image[:, :3])
+
+    def run(fn: Callable[[], object]) -> Callable[[], object]:
+        def timed() -> object:
+            with autocast("cpu", cpu_bf16=bf16):
+                return fn()
+
+        return timed
+
+    end_to_end = time_call(run(lambda: net(image)), repeats, warmup)
+    with autocast("cpu", cpu_bf16=bf16):
+        features = net.encode(image[:, :3])
     coords = torch.tensor([[[size / 2, size / 3], [5.0, 5.0]]])
     labels = torch.tensor([[1, 0]])
-    extra_click = time_call(lambda: net.decode(features, coords, labels), repeats * 4, warmup)
+    extra_click = time_call(run(lambda: net.decode(features, coords, labels)), repeats * 4, warmup)
     return end_to_end, extra_click
 
 
-def _training_speed(crop: int, batch: int, repeats: int, warmup: int) -> dict:
-    """Training samples per second at ``crop`` (Dice loss, Adam), as the fast CPU recipe trains."""
+def _training_speed(crop: int, batch: int, repeats: int, warmup: int, bf16: bool = False, **network: object) -> dict:
+    """Training samples per second at ``crop`` (Dice loss, Adam), as the fast CPU recipe trains (``bf16``: under CPU autocast)."""
     from monai.losses import DiceLoss
 
-    net = SPPNet(image_size=crop).train()
+    net = SPPNet(image_size=crop, **network).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     loss_fn = DiceLoss(sigmoid=True)
     images = torch.cat([_sppnet_input(crop)] * batch)
@@ -171,7 +208,9 @@ def _training_speed(crop: int, batch: int, repeats: int, warmup: int) -> dict:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(net(images), labels).backward()
+        with autocast("cpu", cpu_bf16=bf16):
+            logits = net(images)
+        loss_fn(logits[:, :1].float(), labels).backward()
         optimizer.step()
 
     seconds = time_call(step, repeats, warmup)

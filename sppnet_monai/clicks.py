@@ -20,7 +20,7 @@ import numpy as np
 
 from sppnet_monai.utils import SPPNetError
 
-__all__ = ["click_pixels", "first_in_scan_order"]
+__all__ = ["choose_window", "click_pixels", "first_in_scan_order", "grid_origins"]
 
 
 def click_pixels(
@@ -61,3 +61,22 @@ def first_in_scan_order(pixels: np.ndarray) -> np.ndarray:
         return pixels[:0]
     order = np.lexsort((pixels[:, 0], pixels[:, 1]))
     return pixels[order[:1]]
+
+
+def grid_origins(length: int, size: int) -> list[int]:
+    """Window starts of the click grid along an axis of ``length``: side ``size``, stride ``size / 2``, the last
+    one flush with the border (one window from 0 when the axis is no longer than a window)."""
+    if length <= size:
+        return [0]
+    return list(range(0, length - size, size // 2)) + [length - size]
+
+
+def _window_origin(click: int, length: int, size: int) -> int:
+    return min(grid_origins(length, size), key=lambda o: abs(o + size / 2 - click))
+
+
+def choose_window(x: int, y: int, width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, w, h)`` of the window of side ``size`` that serves a click at ``(x, y)`` in a ``width x height`` image:
+    of the click grid's windows (:func:`grid_origins`), the one whose centre is nearest the click."""
+    x0, y0 = _window_origin(x, width, size), _window_origin(y, height, size)
+    return x0, y0, min(size, width), min(size, height)

@@ -14,10 +14,16 @@ has one, else by the distance watershed), for all images and for those whose gro
 separates touching nuclei (``SEPARATE_NUCLEI_SOURCES``: MoNuSeg's XML outlines), on which alone the
 object scores are trustworthy. ``method="classical"`` scores the hematoxylin + Otsu baseline through
 the same code; ``prompt_draws`` repeats the random prompt draw to show how much the clicks matter.
+
+Clicked-nucleus Dice (``clicked_dice``, NuClick's task): one center-neighbourhood click on every
+ground-truth nucleus, and the Dice of the nucleus returned for it against that nucleus, averaged over
+the image's nuclei. A network with a click head returns it from its own channel (``Predictor.clicked_nucleus``);
+any other method returns the nucleus of its instance map under the click.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import os
@@ -26,22 +32,24 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 from sppnet_monai.data.image_io import read_mask, read_rgb, write_json, write_png
 from sppnet_monai.data.instances import INSTANCE_SOURCE_KEY, SEPARATE_NUCLEI_SOURCES
+from sppnet_monai.clicks import choose_window
 from sppnet_monai.inferers import window_grid
 from sppnet_monai.metrics import dice_score, score_image, summarise
 from sppnet_monai.postprocess import instances_from_semantic
 from sppnet_monai.predict import DEFAULT_CONFIG, Predictor
-from sppnet_monai.transforms import hematoxylin_mask
+from sppnet_monai.transforms import CenterNeighborhoodPointSampled, hematoxylin_mask
 from sppnet_monai.utils import SPPNetError, atomic_path
 from sppnet_monai.visualize import prompt_overlay
 from sppnet_monai.workflows.datasets import datalist_split
 
 logger = logging.getLogger(__name__)
 
-SCORE_KEYS = ("dice", "iou", "dice_256", "iou_256", "aji", "pq", "f1")
+SCORE_KEYS = ("dice", "iou", "dice_256", "iou_256", "aji", "pq", "f1", "clicked_dice")
 PROTOCOLS = ("prompted", "automatic")
 METHODS = ("network", "classical")
 
@@ -70,10 +78,12 @@ def run_evaluate(
         raise SPPNetError(f"method must be one of {METHODS}, got {method!r}.")
     entries = datalist_split(dataset_dir, split)
     predictor = Predictor(checkpoint, config, **overrides) if method == "network" else None
-    sampler = None
-    if predictor is not None:
-        sampler = predictor.parser.get_parsed_content("prompt_sampler")
-        sampler.set_random_state(seed)
+    sampler = CenterNeighborhoodPointSampled() if predictor is None else predictor.parser.get_parsed_content("prompt_sampler")
+    # The clicked-nucleus draws have a generator of their own (a copy: the parser returns one shared
+    # instance), so the protocols' clicks stay as they were.
+    nucleus_sampler = copy.deepcopy(sampler)
+    sampler.set_random_state(seed)
+    nucleus_sampler.set_random_state(seed)
     draws = prompt_draws if protocol == "prompted" and predictor is not None else 1
     out = Path(output_dir)
     per_image, names, sources, draw_dice = [], [], [], []
@@ -88,7 +98,9 @@ def run_evaluate(
                 # Later draws only measure how Dice moves with the clicks: no nuclei to split.
                 image, mask, instances = segment_with_clicks(predictor, entry["image"], **clicks, split_nuclei=draw == 0)
             if draw == 0:
-                per_image.append(score_image(mask, truth, pred_instances=instances))
+                scores = score_image(mask, truth, pred_instances=instances)
+                scores["clicked_dice"] = clicked_nucleus_dice(predictor, entry["image"], truth, nucleus_sampler, instances)
+                per_image.append(scores)
                 names.append(Path(entry["image"]).name)
                 sources.append(str(entry.get(INSTANCE_SOURCE_KEY, "")))
                 if overlays and image is not None:
@@ -143,6 +155,49 @@ def window_clicks(truth: np.ndarray, sampler, predictor: Predictor) -> dict:
         for key in clicks:
             clicks[key] += [[x + cols.start, y + rows.start] for x, y in drawn[key]]
     return clicks
+
+
+def nucleus_clicks(truth: np.ndarray, sampler: CenterNeighborhoodPointSampled) -> list[tuple[int, list[int]]]:
+    """One click per ground-truth nucleus of ``truth`` ``(H, W)``, drawn by ``sampler`` from that nucleus alone:
+    ``(id, [x, y])`` in image pixels."""
+    clicks = []
+    for index, box in enumerate(ndimage.find_objects(truth), start=1):
+        if box is None:
+            continue
+        drawn = sampler({"label": (truth[box] == index)[None].astype(np.uint8)})
+        x, y = drawn["foreground"][0]
+        clicks.append((index, [x + box[1].start, y + box[0].start]))
+    return clicks
+
+
+def clicked_nucleus_dice(
+    predictor: Predictor | None, image: str, truth: np.ndarray, sampler: CenterNeighborhoodPointSampled, instances: np.ndarray | None
+) -> float:
+    """Mean over the ground-truth nuclei of ``truth`` of the Dice between each nucleus and the nucleus returned for
+    one click on it (see the module doc); 1.0 for an image without nuclei."""
+    clicks = nucleus_clicks(truth, sampler)
+    if not clicks:
+        return 1.0
+    sizes = np.bincount(truth.ravel())
+    height, width = truth.shape
+    dice = []
+    if predictor is None or predictor.clicked_channel is None:
+        for index, (x, y) in clicks:
+            returned = instances == instances[y, x] if instances is not None and instances[y, x] > 0 else np.zeros_like(truth, dtype=bool)
+            dice.append(2.0 * np.count_nonzero(returned & (truth == index)) / (np.count_nonzero(returned) + sizes[index]))
+        return float(np.mean(dice))
+    loaded = predictor.load_image({"image": image})
+    windows: dict[tuple, list] = {}
+    for index, (x, y) in clicks:
+        windows.setdefault(choose_window(x, y, width, height, predictor.image_size), []).append((index, x, y))
+    for window, members in windows.items():
+        x0, y0, w, h = window
+        logits = predictor.clicked_logits(loaded, [[x, y] for _, x, y in members], window)
+        for (index, x, y), click_logits in zip(members, logits):
+            returned = predictor.clicked_nucleus(click_logits, (x - x0, y - y0))
+            overlap = np.count_nonzero(returned & (truth[y0 : y0 + h, x0 : x0 + w] == index))
+            dice.append(2.0 * overlap / (np.count_nonzero(returned) + sizes[index]))
+    return float(np.mean(dice))
 
 
 def classical_segmentation(image: str) -> tuple[np.ndarray, np.ndarray]:

@@ -10,18 +10,44 @@ from typing import Any, Callable, Sequence
 import torch
 
 from monai.data.utils import dense_patch_slices
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import Inferer, SlidingWindowInferer
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import ensure_tuple_rep
 
 from sppnet_monai.networks.sppnet import SPPNet, denormalize_rgb
+from sppnet_monai.precision import autocast
 from sppnet_monai.transforms import choose_clicks
 from sppnet_monai.utils import SPPNetError
 
-__all__ = ["GLASS_LOGIT", "PromptedSlidingWindowInferer", "WindowLogitCache", "window_grid"]
+__all__ = ["GLASS_LOGIT", "CPUAutocastInferer", "PromptedSlidingWindowInferer", "WindowLogitCache", "window_grid"]
 
 # The logit of a skipped glass window: the shipped network's mean logit on blank glass windows is -45 to -63.
 GLASS_LOGIT = -50.0
+
+
+class CPUAutocastInferer(Inferer):
+    """Run ``inferer`` under bfloat16 autocast on a CPU with bfloat16 units (:func:`sppnet_monai.precision.autocast`).
+
+    MONAI's engines autocast only on CUDA (their ``amp``); this wrapper is their CPU counterpart, so the
+    bundle's trainer and evaluator take ``cpu_bf16`` as they take ``amp``. Logits come back as float32, so
+    losses and metrics run in float32. On CUDA inputs it changes nothing.
+
+    Args:
+        inferer: the wrapped inferer (``SimpleInferer``, :class:`PromptedSlidingWindowInferer`, ...).
+        cpu_bf16: the bundle's switch; False runs float32.
+    """
+
+    def __init__(self, inferer: Inferer, cpu_bf16: bool = True) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.cpu_bf16 = bool(cpu_bf16)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if inputs.device.type != "cpu":
+            return self.inferer(inputs, network, *args, **kwargs)
+        with autocast(inputs.device, cpu_bf16=self.cpu_bf16):
+            logits = self.inferer(inputs, network, *args, **kwargs)
+        return logits.float()
 
 
 class PromptedSlidingWindowInferer(SlidingWindowInferer):

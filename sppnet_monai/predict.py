@@ -12,20 +12,23 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential
 from monai.bundle import ConfigParser
 from monai.transforms import AsDiscrete, Compose
 from tqdm import tqdm
 
-from sppnet_monai.clicks import click_pixels
+from sppnet_monai.clicks import click_pixels, first_in_scan_order
 from sppnet_monai.data.image_io import write_png
 from sppnet_monai.data.slides import Region, Slide, parse_region
 from sppnet_monai.inferers import WindowLogitCache
 from sppnet_monai.nuclei import nuclei_records, read_jsonl, write_nuclei
 from sppnet_monai.postprocess import instances_from_head, instances_from_semantic
+from sppnet_monai.precision import autocast
 from sppnet_monai.slide_inference import SlideSegmenter, level_region, tile_grid
 from sppnet_monai.transforms import AutoClickd
 from sppnet_monai.utils import SPPNetError, atomic_path, root_message, user_error
@@ -54,6 +57,11 @@ def find_images(inputs: str | Sequence[str]) -> list[str]:
     if not found:
         raise SPPNetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {inputs}.")
     return found
+
+
+# How far (pixels) a click may lie from the piece of the click head's mask it picks: the 5x5 neighbourhood
+# of center-neighbourhood sampling and a rim of a few pixels.
+CLICK_REACH = 4
 
 
 class Predictor:
@@ -97,6 +105,7 @@ class Predictor:
             self.inferer = parser.get_parsed_content("inferer")
             self.threshold = float(parser.get_parsed_content("threshold"))
             self.amp = bool(parser.get_parsed_content("amp"))
+            self.cpu_bf16 = bool(parser.get_parsed_content("cpu_bf16", default=False))
         except Exception as err:  # MONAI's parser wraps the user's error (a bad checkpoint, size...) in its own
             cause = user_error(err)
             if cause is None:
@@ -135,8 +144,9 @@ class Predictor:
         return self.click_encoding({**loaded, "image": loaded["image"].clone()})["image"]
 
     def autocast(self) -> torch.autocast:
-        """The precision bundle inference runs the network in: CUDA autocast when the config's ``amp`` is on."""
-        return torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda")
+        """The precision bundle inference runs the network in: the config's ``amp`` on CUDA, ``cpu_bf16`` on CPU
+        (:func:`sppnet_monai.precision.autocast`)."""
+        return autocast(self.device, amp=self.amp, cpu_bf16=self.cpu_bf16)
 
     @torch.no_grad()
     def logits(self, image: torch.Tensor, window_cache: WindowLogitCache | None = None) -> torch.Tensor:
@@ -160,6 +170,83 @@ class Predictor:
     def mask(self, logits: torch.Tensor) -> np.ndarray:
         """Nuclei mask ``(H, W)`` bool from logits ``(C, H, W)``: the bundle's sigmoid + threshold rule on channel 0."""
         return self.discretize(torch.sigmoid(logits[:1].float()))[0].cpu().numpy() > 0
+
+    @property
+    def clicked_channel(self) -> int | None:
+        """The network's click-head channel (``SPPNet.clicked_channel``); None for a network without one."""
+        return getattr(self.network, "clicked_channel", None)
+
+    @torch.no_grad()
+    def clicked_logits(self, loaded: dict, clicks: Sequence[Sequence[int]], window: tuple[int, int, int, int], chunk: int = 32) -> torch.Tensor:
+        """The click head's logits ``(P, h, w)`` in ``window`` ``(x0, y0, w, h)`` for each positive click of ``clicks``
+        (image pixels, inside the window), each with the window's automatic background click.
+
+        ``loaded`` is ``{"image": (3, H, W) RGB 0-255}`` from :attr:`load_image`. The window is encoded once and
+        every click decoded against it (``SPPNet.encode`` / ``decode``), ``chunk`` clicks at a time.
+        """
+        if self.clicked_channel is None:
+            raise SPPNetError(f"checkpoint {self.checkpoint} has no click head (recipe click_head): it returns all nuclei, not the clicked one.")
+        x0, y0, width, height = window
+        rgb = loaded["image"][:, y0 : y0 + height, x0 : x0 + width]
+        prepared = self.prompt({"image": rgb, "foreground": [], "background": []})  # the automatic background click
+        background = first_in_scan_order(np.argwhere(prepared[4].cpu().numpy() > 0)[:, ::-1]).tolist()
+        negative = background[0] if background else [0, 0]  # SAM's padding point (label -1) where there is none
+        coords = torch.tensor([[[x - x0, y - y0], negative] for x, y in clicks], dtype=torch.float32).reshape(-1, 2, 2)
+        labels = torch.tensor([[1, 0 if background else -1]] * len(clicks)).reshape(-1, 2)
+        network = self.network
+        out = []
+        with self.autocast():
+            features = network.encode(prepared[None, :3].to(self.device))
+            for start in range(0, len(clicks), chunk):
+                decoded = network.decode(features, coords[start : start + chunk].to(self.device), labels[start : start + chunk].to(self.device))
+                out.append(decoded.masks[:, self.clicked_channel].float().cpu())
+        return torch.cat(out) if out else torch.zeros((0, height, width))
+
+    def clicked_nucleus(self, logits: torch.Tensor, click: Sequence[int]) -> np.ndarray:
+        """The nucleus under ``click`` ``(x, y)``, ``(h, w)`` bool, from the click head's logits ``(h, w)``: the bundle's
+        threshold rule, then the connected piece that holds the click, else the piece with most pixels within
+        ``CLICK_REACH`` pixels of it (a click on a nucleus's rim); empty when none comes that close."""
+        pieces, count = ndimage.label(self.discretize(torch.sigmoid(logits[None].float()))[0].cpu().numpy() > 0)
+        x, y = int(click[0]), int(click[1])
+        rows, cols = np.ogrid[: pieces.shape[0], : pieces.shape[1]]
+        near = pieces[((rows - y) ** 2 + (cols - x) ** 2 <= CLICK_REACH**2) & (pieces > 0)]
+        if count == 0 or near.size == 0:
+            return np.zeros(pieces.shape, dtype=bool)
+        chosen = pieces[y, x] if 0 <= y < pieces.shape[0] and 0 <= x < pieces.shape[1] and pieces[y, x] else np.bincount(near).argmax()
+        return pieces == chosen
+
+    def clicked_instances(self, logits: torch.Tensor, clicks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Instance map ``(h, w)`` int32 of the nuclei under ``clicks`` (``[x, y]`` pixels of the logits), numbered in
+        click order, from the logits ``(C, h, w)`` of a network with a click head (a click on a nucleus already
+        returned adds nothing): the answer to clicks on nuclei, one by one (NuClick's task)."""
+        instances = np.zeros(logits.shape[-2:], dtype=np.int32)
+        for click in clicks:
+            nucleus = self.clicked_nucleus(logits[self.clicked_channel], click) & (instances == 0)
+            if nucleus.any() and instances[int(click[1]), int(click[0])] == 0:
+                instances[nucleus] = instances.max() + 1
+        return instances
+
+    @staticmethod
+    def edit_instances(
+        instances: np.ndarray,
+        foreground: Sequence[Sequence[int]],
+        background: Sequence[Sequence[int]],
+        nucleus_at: Callable[[Sequence[int]], np.ndarray | None],
+    ) -> np.ndarray:
+        """``instances`` ``(h, w)`` (all nuclei of an area) corrected by the user's clicks (``[x, y]`` pixels of the
+        map): a negative click on a nucleus removes that nucleus; a positive click outside every nucleus adds
+        ``nucleus_at(click)`` (``(h, w)`` bool, e.g. from :meth:`clicked_nucleus`; None adds nothing). Returns a
+        new map, ids renumbered 1..N in their order."""
+        edited = instances.copy()
+        for x, y in background:
+            if edited[int(y), int(x)] > 0:
+                edited[edited == edited[int(y), int(x)]] = 0
+        for click in foreground:
+            if edited[int(click[1]), int(click[0])] == 0:
+                nucleus = nucleus_at(click)
+                if nucleus is not None:
+                    edited[nucleus & (edited == 0)] = edited.max() + 1
+        return relabel_sequential(edited)[0].astype(np.int32)
 
     @staticmethod
     def head_map(logits: torch.Tensor) -> np.ndarray | None:

@@ -21,6 +21,13 @@ def _check_sppnet_figures(report: dict) -> None:
     assert window["image_size"] == 64 and window["seconds_per_image"] > window["seconds_per_extra_click_cached_embedding"] > 0
     assert report["ratios"]["straightforward_over_optimized_seconds"] > 0
     assert report["machine"]["torch_threads"] >= 1
+    precision = report["precision"]
+    assert precision["network"]["mask_stride"] == 1 and precision["float32"]["seconds_per_window"] > 0
+    assert precision["float32"]["training"]["seconds_per_step"] > 0
+    if precision["cpu_has_bf16"]:  # both precisions, and their ratio, on a CPU with bfloat16 units
+        assert precision["float32_over_bfloat16_seconds"]["training_step"] == (
+            precision["float32"]["training"]["seconds_per_step"] / precision["bfloat16"]["training"]["seconds_per_step"]
+        )
 
 
 def test_benchmark_cli_reports_every_sppnet_figure(capsys, monkeypatch):

@@ -95,6 +95,21 @@ def test_cpu_recipe_trains_an_instance_head(dataset, tmp_path):
     assert net(torch.zeros(1, 5, 64, 64)).shape == (1, 2, 64, 64)
 
 
+def test_shipped_recipe_trains_the_native_network_with_both_heads(dataset, tmp_path):
+    """cpu_recipe.json + native_cpu.json (the shipped model's recipe), one tiny epoch: the recipe lands in the checkpoint."""
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json"), str(CONFIGS / "native_cpu.json")],
+        meta_file=META, logging_file=LOGGING, workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(dataset),
+        **{**TINY, "max_epochs": 1, "crops_per_image": 1},
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    net = SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True)
+    assert load_checkpoint(net, tmp_path / "models" / "model.pt") == "sppnet"
+    assert net(torch.zeros(1, 5, 64, 64)).shape == (1, 3, 64, 64)
+
+
 def test_tensorboard_has_loss_metrics_lr_and_image(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

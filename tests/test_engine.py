@@ -24,15 +24,18 @@ from lib.engine import ClickSegmenter, ImageNotFoundError, choose_window, parse_
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """A bundle folder: the repository's configs and an untrained SPPNet at image_size 64 (its recipe recorded)."""
-    root = tmp_path_factory.mktemp("bundle")
+def _bundle_folder(root: Path, **network) -> Path:
+    """``root`` as a bundle folder: the repository's configs and an untrained SPPNet at image_size 64 (its recipe recorded)."""
     shutil.copytree(REPO / "bundle" / "configs", root / "configs")
     (root / "models").mkdir()
     torch.manual_seed(0)
-    torch.save(SPPNet(image_size=SIZE).state_dict(), root / "models" / "model.pt")
+    torch.save(SPPNet(image_size=SIZE, **network).state_dict(), root / "models" / "model.pt")
     return root
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return _bundle_folder(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +163,28 @@ def test_serves_the_shipped_model_until_one_is_trained(bundle, tmp_path):
     (root / "models").mkdir()
     shutil.copy2(bundle / "models" / "model.pt", root / "models" / "model.pt")  # what POST /train writes
     assert segmenter.checkpoint == root / "models" / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def click_head_bundle(tmp_path_factory) -> Path:
+    """A bundle folder whose model has the native decoder, the distance head and the click head (untrained)."""
+    return _bundle_folder(tmp_path_factory.mktemp("click_bundle"), mask_stride=1, instance_head="distance", click_head=True)
+
+
+def test_click_tool_answers_with_the_clicked_nucleus_alone(click_head_bundle, image):
+    """With clicked_only (the click tool), the answer is the click head's nucleus under the click, one per click."""
+    segmenter = ClickSegmenter(click_head_bundle)
+    predictor = segmenter._model()
+    mask, instances, info = segmenter.segment(image, [[150, 90]], clicked_only=True)
+    x0, y0, w, h = info["windows"][0]["window"]
+    background = [[x - x0, y - y0] for x, y in info["windows"][0]["background"]]
+    loaded = predictor.load_image({"image": str(image)})["image"][:, y0 : y0 + h, x0 : x0 + w]
+    prompted = predictor.prompt({"image": loaded, "foreground": [[150 - x0, 90 - y0]], "background": background})
+    with torch.no_grad(), predictor.autocast():
+        logits = predictor.network(prompted[None])[0].float()
+    expected = np.zeros_like(instances)
+    expected[y0 : y0 + h, x0 : x0 + w] = predictor.clicked_instances(logits, [[150 - x0, 90 - y0]])
+    np.testing.assert_array_equal(instances, expected)
+    assert instances.max() <= 1 and np.array_equal(mask > 0, instances > 0)
+    everything = segmenter.segment(image, [[150, 90]])[1]  # the rectangle's model: every nucleus of the window
+    assert everything.max() >= instances.max()

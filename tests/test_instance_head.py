@@ -170,8 +170,11 @@ def test_evaluate_both_protocols_and_the_classical_baseline(tmp_path):
     prompted = run_evaluate(str(data), str(tmp_path / "p"), ckpt, protocol="prompted")
     automatic = run_evaluate(str(data), str(tmp_path / "a"), ckpt, protocol="automatic")
     classical = run_evaluate(str(data), str(tmp_path / "c"), method="classical")
-    for result in (prompted, automatic, classical):
+    torch.save(SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True).state_dict(), tmp_path / "click.pt")
+    clicked = run_evaluate(str(data), str(tmp_path / "k"), str(tmp_path / "click.pt"), protocol="automatic")
+    for result in (prompted, automatic, classical, clicked):
         assert 0 <= result["dice"]["mean"] <= 1 and 0 <= result["aji"]["mean"] <= 1
+        assert 0 <= result["clicked_dice"]["mean"] <= 1
         assert "separate_nuclei_images" in result  # synthetic instances separate touching nuclei
     report = json.loads((tmp_path / "p" / "metrics.json").read_text())
     assert report["protocol"] == "prompted" and report["instance_sources"] == ["synthetic"]

@@ -44,8 +44,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from skimage.segmentation import relabel_sequential
 
-from sppnet_monai.clicks import click_pixels, first_in_scan_order
+from sppnet_monai.clicks import choose_window, click_pixels, first_in_scan_order, grid_origins
 from sppnet_monai.data.slides import Slide
 from sppnet_monai.nuclei import nuclei_records
 from sppnet_monai.slide_inference import SlideSegmenter, level_region
@@ -86,24 +87,6 @@ def parse_clicks(value: Any, name: str) -> list[list[float]]:
             raise SPPNetError(f"'{name}' must be a list of [x, y] pairs of numbers, got the element {point!r}.")
         clicks.append([point[0], point[1]])
     return clicks
-
-
-def _grid_origins(length: int, size: int) -> list[int]:
-    """Window starts of the click grid along an axis of ``length``: side ``size``, stride ``size / 2``, the last
-    one flush with the border (one window from 0 when the axis is no longer than a window)."""
-    if length <= size:
-        return [0]
-    return list(range(0, length - size, size // 2)) + [length - size]
-
-
-def _window_origin(click: int, length: int, size: int) -> int:
-    return min(_grid_origins(length, size), key=lambda o: abs(o + size / 2 - click))
-
-
-def choose_window(x: int, y: int, width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """``(x0, y0, w, h)`` of the window of side ``size`` serving a click at ``(x, y)`` (see module doc)."""
-    x0, y0 = _window_origin(x, width, size), _window_origin(y, height, size)
-    return x0, y0, min(size, width), min(size, height)
 
 
 def served_checkpoint(bundle_dir: Path) -> Path:
@@ -200,8 +183,8 @@ class ClickSegmenter:
     @torch.no_grad()
     def _segment_window(
         self, entry: dict, foreground: list, background: list, predictor
-    ) -> tuple[np.ndarray, np.ndarray | None, list, bool]:
-        """The window's mask ``(h, w)`` bool, instance-head map ``(h, w)`` (None without an instance head),
+    ) -> tuple[torch.Tensor, list, bool]:
+        """The window's logits ``(C, h, w)`` (mask, then the instance head's and the click head's channels),
         the background click used (window pixels) and whether it was automatic."""
         auto = not background
         if auto and entry["auto_background"] is not None:
@@ -216,12 +199,20 @@ class ClickSegmenter:
         used = first_in_scan_order(np.argwhere(image[4].cpu().numpy() > 0)[:, ::-1]).tolist()
         if auto and used:
             entry["auto_background"] = used
-        return predictor.mask(logits), predictor.head_map(logits), used, auto
+        return logits.float(), used, auto
 
     def segment(
-        self, image_path: str | os.PathLike, foreground: Sequence[Sequence[float]], background: Sequence[Sequence[float]] = ()
+        self,
+        image_path: str | os.PathLike,
+        foreground: Sequence[Sequence[float]],
+        background: Sequence[Sequence[float]] = (),
+        clicked_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Nuclei mask ``(H, W)`` uint8 0/1, instance map ``(H, W)`` int32 and a JSON-able summary."""
+        """Nuclei mask ``(H, W)`` uint8 0/1, instance map ``(H, W)`` int32 and a JSON-able summary.
+
+        With ``clicked_only`` and a network with a click head, the clicked nuclei alone (the click tool);
+        otherwise every nucleus of the clicks' windows, the mask ``predict`` gives for the same clicks.
+        """
         from PIL import Image
 
         path = Path(image_path)
@@ -244,6 +235,8 @@ class ClickSegmenter:
             stamp = (stat.st_mtime_ns, stat.st_size)
             mask = np.zeros((height, width), dtype=bool)
             head_map = None
+            clicked = np.zeros((height, width), dtype=np.int32)
+            clicked_only = clicked_only and predictor.clicked_channel is not None
             windows: dict[tuple, list] = {}
             for x, y in positive.tolist():
                 windows.setdefault(choose_window(x, y, width, height, size), []).append([x, y])
@@ -254,8 +247,16 @@ class ClickSegmenter:
                 entry, hit = self._window_entry((str(path), *stamp, window), window, read)
                 inside = [[x - x0, y - y0] for x, y in negative.tolist() if x0 <= x < x0 + w and y0 <= y < y0 + h]
                 local = [[x - x0, y - y0] for x, y in clicks]
-                window_mask, window_head, used, auto = self._segment_window(entry, local, inside, predictor)
-                mask[y0 : y0 + h, x0 : x0 + w] |= window_mask
+                logits, used, auto = self._segment_window(entry, local, inside, predictor)
+                if clicked_only:
+                    nuclei = predictor.clicked_instances(logits, local)
+                    region = clicked[y0 : y0 + h, x0 : x0 + w]
+                    fresh = (nuclei > 0) & (region == 0)
+                    region[fresh] = nuclei[fresh] + clicked.max()
+                    mask[y0 : y0 + h, x0 : x0 + w] |= nuclei > 0
+                else:
+                    mask[y0 : y0 + h, x0 : x0 + w] |= predictor.mask(logits)
+                window_head = None if clicked_only else predictor.head_map(logits)
                 if window_head is not None:
                     # Windows of several clicks overlap: the union of their masks, the larger head value
                     # (the union rule of several prompts, applied to the head's map too).
@@ -277,7 +278,10 @@ class ClickSegmenter:
         x1, y1 = max(w[0] + w[2] for w in windows), max(w[1] + w[3] for w in windows)
         instances = np.zeros((height, width), dtype=np.int32)
         box = np.s_[y0:y1, x0:x1]
-        instances[box] = predictor.split_nuclei(mask[box], None if head_map is None else head_map[box])
+        if clicked_only:  # a nucleus answered by two windows keeps one id; ids renumbered 1..N
+            instances = relabel_sequential(clicked)[0].astype(np.int32)
+        else:
+            instances[box] = predictor.split_nuclei(mask[box], None if head_map is None else head_map[box])
         info = {
             "image_size": [width, height],
             "windows": summary,
@@ -307,6 +311,7 @@ class ClickSegmenter:
         foreground: Sequence[Sequence[float]] = (),
         background: Sequence[Sequence[float]] = (),
         min_area: float = 0.0,
+        clicked_only: bool = False,
     ) -> tuple[list[dict], dict]:
         """Nuclei records (level-0 pixels, :func:`sppnet_monai.nuclei.nuclei_records`) whose centroid lies in
         ``region`` ``(x, y, w, h)`` (level-0 pixels; None or zero size: the whole image) read at ``level``, and
@@ -315,6 +320,9 @@ class ClickSegmenter:
         A region with a positive click that fits in one window of the click grid is served from that
         window's cached embedding (an interactive click); any other region is segmented tile-wise with
         automatic prompts where it has no click (:class:`~sppnet_monai.slide_inference.SlideSegmenter`).
+        With ``clicked_only`` (the click tool) and a network with a click head, a click's window answers with
+        the clicked nuclei alone; otherwise the area's nuclei are corrected by its clicks (a positive click
+        outside every nucleus adds the one under it, a negative click on a nucleus removes it).
         """
         path = Path(image_path)
         if not path.is_file():
@@ -336,14 +344,22 @@ class ClickSegmenter:
                 # request, size 0 for the whole image) still goes tile by tile, in the memory of one tile.
                 tiles = self._segmenter.segment_region(slide, region, level, foreground, background)
                 records = [record for _, _, tile_records in tiles for record in tile_records]
+                records = self._edit_records(records, slide, stamp, level, scale, fg, bg, predictor)
                 info = {"mode": "automatic" if not fg else "tiled", "windows": []}
             else:
                 x0, y0, w, h = window
                 read = lambda win: torch.from_numpy(slide.read(*win, level)).float()  # noqa: E731
                 entry, hit = self._window_entry((*stamp, level, window), window, read)
                 local = lambda clicks: [[int(x) - x0, int(y) - y0] for x, y in clicks if x0 <= x < x0 + w and y0 <= y < y0 + h]  # noqa: E731
-                window_mask, window_head, used, auto = self._segment_window(entry, local(fg), local(bg), predictor)
-                instances = predictor.split_nuclei(window_mask, window_head)
+                logits, used, auto = self._segment_window(entry, local(fg), local(bg), predictor)
+                if clicked_only and predictor.clicked_channel is not None:
+                    instances = predictor.clicked_instances(logits, local(fg))
+                else:
+                    nucleus_at = None
+                    if predictor.clicked_channel is not None:
+                        nucleus_at = lambda click: predictor.clicked_nucleus(logits[predictor.clicked_channel], click)  # noqa: E731
+                    split = predictor.split_nuclei(predictor.mask(logits), predictor.head_map(logits))
+                    instances = predictor.edit_instances(split, local(fg), local(bg), nucleus_at or (lambda click: None))
                 left, top = ax - x0, ay - y0
                 records = nuclei_records(
                     instances, origin=(x0 * scale, y0 * scale), scale=scale,
@@ -358,12 +374,43 @@ class ClickSegmenter:
         return records, info
 
 
+    def _edit_records(
+        self, records: list[dict], slide: Slide, stamp: tuple, level: int, scale: float, fg: list, bg: list, predictor
+    ) -> list[dict]:
+        """Tile-wise ``records`` corrected by the clicks ``fg`` / ``bg`` (level pixels): the nucleus whose contour holds
+        a negative click is dropped; a positive click inside no contour adds the click head's nucleus under it,
+        decoded in the click's window of the grid (its embedding cached as a click's)."""
+        from shapely.geometry import Point, Polygon
+
+        if not fg and not bg:
+            return records
+        polygons = [Polygon(r["contour"]) for r in records]
+        at = lambda x, y: next((i for i, p in enumerate(polygons) if p.covers(Point(x * scale, y * scale))), None)  # noqa: E731
+        dropped = {at(x, y) for x, y in bg} - {None}
+        kept = [r for i, r in enumerate(records) if i not in dropped]
+        if predictor.clicked_channel is None:
+            return kept
+        width, height = slide.size(level)
+        for x, y in fg:
+            if at(x, y) is not None and at(x, y) not in dropped:
+                continue
+            window = choose_window(int(x), int(y), width, height, predictor.image_size)
+            x0, y0, w, h = window
+            read = lambda win: torch.from_numpy(slide.read(*win, level)).float()  # noqa: E731
+            entry, _ = self._window_entry((*stamp, level, window), window, read)
+            click = [int(x) - x0, int(y) - y0]
+            logits, _, _ = self._segment_window(entry, [click], [], predictor)
+            nucleus = predictor.clicked_instances(logits, [click])
+            kept += nuclei_records(nucleus, origin=(x0 * scale, y0 * scale), scale=scale)
+        return kept
+
+
 def _covering_window(area: tuple, width: int, height: int, size: int) -> tuple | None:
-    """The window of the click grid (:func:`_grid_origins`) that holds all of ``area`` ``(x, y, w, h)`` with its
+    """The window of the click grid (:func:`~sppnet_monai.clicks.grid_origins`) that holds all of ``area`` ``(x, y, w, h)`` with its
     centre nearest the area's; None if no window holds it."""
     origin = []
     for start, extent, length in ((area[0], area[2], width), (area[1], area[3], height)):
-        starts = [o for o in _grid_origins(length, size) if o <= start and start + extent <= o + size]
+        starts = [o for o in grid_origins(length, size) if o <= start and start + extent <= o + size]
         if not starts:
             return None
         origin.append(min(starts, key=lambda o: abs(o + size / 2 - (start + extent / 2))))

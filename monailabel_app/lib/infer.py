@@ -81,6 +81,11 @@ class SPPNetClickInfer(InferTask):
       one id per nucleus).
     - ``contours``: ``true`` (default) to list every nucleus contour in the result JSON.
 
+    With ``nuclick`` (the click tool's model) and a network with a click head, the answer is the clicked
+    nuclei alone, so that clicking one nucleus after another adds one polygon each; the other model answers
+    every nucleus of the clicks' windows, corrected by the clicks (positive adds a missed nucleus,
+    negative removes a false one).
+
     The result JSON holds ``nuclei`` (id, area, centroid, contour as ``[[x, y], ...]``),
     ``nuclei_count``, ``windows`` (the processed window of each click, the prompt used and whether
     its embedding came from the cache), ``encoder_runs`` (encoder calls since the server started)
@@ -125,7 +130,7 @@ class SPPNetClickInfer(InferTask):
             label_type = str(request.get("label_type", "mask"))
             if label_type not in ("mask", "instances"):
                 raise SPPNetError(f"label_type must be 'mask' or 'instances', got {label_type!r}.")
-            mask, instances, info = self.segmenter.segment(image, foreground, background)
+            mask, instances, info = self.segmenter.segment(image, foreground, background, clicked_only=self.nuclick)
         except ImageNotFoundError as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
         except SPPNetError as err:  # the user's request: answered, never a 500
@@ -167,6 +172,7 @@ class SPPNetClickInfer(InferTask):
                 parse_clicks(request.get("foreground"), "foreground"),
                 parse_clicks(request.get("background"), "background"),
                 min_area=float(request.get("min_poly_area") or 0),
+                clicked_only=self.nuclick,
             )
         except ImageNotFoundError as err:
             raise HTTPException(status_code=404, detail=str(err)) from err

@@ -181,13 +181,14 @@ class SPPNetTrain(TrainTask):
         finetune = str(request.get("finetune", True)).lower() not in ("false", "0", "no")
         current = served_checkpoint(self.bundle_dir)
         if finetune and current.is_file():
+            from sppnet_monai.networks import RECIPE_DEFAULTS
             from sppnet_monai.networks.checkpoints import read_recipe
 
             start = run_dir / "initial_model.pt"
             shutil.copy2(current, start)
             # Fine-tuning keeps the served model's settings; a contradicting request fails on loading.
-            for key in ("image_size", "fusion", "instance_head"):
-                overrides.setdefault(key, read_recipe(start).get(key))
+            for key in ("image_size", *RECIPE_DEFAULTS):
+                overrides.setdefault(key, read_recipe(start).get(key, RECIPE_DEFAULTS.get(key)))
             overrides = {k: v for k, v in overrides.items() if v is not None}
             overrides["network"] = f"$sppnet_monai.workflows.load_trained(@network_def, {str(start)!r}).to(@device)"
         overrides["ckpt_dir"] = str(run_dir)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from segment_anything.modeling import MaskDecoder
 from torch import nn
+from torch.nn import functional as F
 
 from sppnet_monai.networks.cached_decoding import CachedImageTokens, cache_image_tokens, two_way_transformer
+from sppnet_monai.networks.native_decoder import UpscalingStage, pyramid_chans
+
+# LLSIE features: one tensor at the decoder's 1/4 resolution, or a tuple finest first ending at 1/4 (LLSIEPyramid).
+LowLevelFeatures = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 __all__ = ["FUSION_MODES", "SPPMaskDecoder"]
 
@@ -40,7 +45,11 @@ class SPPMaskDecoder(MaskDecoder):
       follow the mask as extra output channels, e.g. a map that separates touching nuclei;
     - ``low_level_features`` (B or 1, transformer_dim / 8, 4h, 4w) from LLSIE are fused with the
       upscaled embedding before the hypernetwork product: ``"add"`` as in the released code,
-      ``"concat"`` + 1x1 convolution as in the paper's text, ``"none"`` for the ablation without LLSIE.
+      ``"concat"`` + 1x1 convolution as in the paper's text, ``"none"`` for the ablation without LLSIE;
+    - ``upscaling_stages`` 2x stages (:class:`~sppnet_monai.networks.native_decoder.UpscalingStage`,
+      keys ``upscaling_stages.*``) take the fused embedding on to 8h, 16h: with 2 the masks are at the
+      encoder input's own resolution, each stage adding the LLSIE feature of its scale (then
+      ``low_level_features`` is a tuple, finest first, ending with the one at 4h).
 
     For many prompts on one image, :meth:`cache_image` does the transformer's per-image work once;
     passed as ``image_cache``, it stands for the image embedding, positional encoding (which may then
@@ -48,7 +57,9 @@ class SPPMaskDecoder(MaskDecoder):
     ``cached_decoding``).
     """
 
-    def __init__(self, *, fusion: str = "add", extra_outputs: int = 0, **kwargs) -> None:
+    def __init__(
+        self, *, fusion: str = "add", extra_outputs: int = 0, upscaling_stages: int = 0, click_guidance: bool = False, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}.")
@@ -59,6 +70,16 @@ class SPPMaskDecoder(MaskDecoder):
         if fusion == "concat":
             mask_chans = self.transformer_dim // 8
             self.fusion_proj = nn.Conv2d(2 * mask_chans, mask_chans, kernel_size=1)
+        # Channels at each scale, coarsest (SAM's 1/4 embedding) first, as the LLSIE pyramid gives them.
+        chans = pyramid_chans(self.transformer_dim // 8, upscaling_stages + 1)[::-1]
+        self.upscaling_stages = nn.ModuleList(UpscalingStage(chans[k], chans[k + 1]) for k in range(upscaling_stages))
+        # SAM's hypernetworks give each mask token transformer_dim / 8 weights; a narrower full-resolution
+        # embedding gets them through one linear map on the token side (cheap: no pixel is touched).
+        self.hyper_proj = nn.Linear(chans[0], chans[-1]) if chans[-1] != chans[0] else None
+        # Click guidance (NuClick's idea, for the click head): a map of the prompt's positive clicks joins the
+        # embedding at every scale from 1/4 up, through a 1x1 convolution per scale. The two-way transformer
+        # sees clicks only as tokens at 1/16, too coarse to tell one small nucleus from its neighbour.
+        self.guidance_proj = nn.ModuleList(nn.Conv2d(1, c, kernel_size=1) for c in chans) if click_guidance else None
 
     def forward(
         self,
@@ -67,16 +88,17 @@ class SPPMaskDecoder(MaskDecoder):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
-        low_level_features: Optional[torch.Tensor] = None,
+        low_level_features: Optional[LowLevelFeatures] = None,
         image_cache: Optional[CachedImageTokens] = None,
+        click_guidance: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Masks ``(P, M, 4h, 4w)`` logits and IoU predictions ``(P, M)``.
+        """Masks ``(P, M, 4h, 4w)`` logits (``2**upscaling_stages`` times larger with upscaling stages) and IoU predictions ``(P, M)``.
 
         M = 1 + ``extra_outputs``: the single-mask token, then the first spare tokens (e.g. a boundary
         map or a distance map); M = 3, SAM's candidate masks, with ``multimask_output``.
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, low_level_features, image_cache
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, low_level_features, image_cache, click_guidance
         )
         mask_slice = slice(1, None) if multimask_output else slice(0, 1 + self.extra_outputs)
         return masks[:, mask_slice], iou_pred[:, mask_slice]
@@ -87,8 +109,9 @@ class SPPMaskDecoder(MaskDecoder):
         image_pe: Optional[torch.Tensor],
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
-        low_level_features: Optional[torch.Tensor] = None,
+        low_level_features: Optional[LowLevelFeatures] = None,
         image_cache: Optional[CachedImageTokens] = None,
+        click_guidance: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         num_prompts = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -111,11 +134,13 @@ class SPPMaskDecoder(MaskDecoder):
         mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
 
         src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled_embedding = self._fuse(self.output_upscaling(src), low_level_features)
+        upscaled_embedding = self._fuse(self.output_upscaling(src), low_level_features, click_guidance)
         hyper_in_list: List[torch.Tensor] = [
             mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)
         ]
         hyper_in = torch.stack(hyper_in_list, dim=1)
+        if self.hyper_proj is not None:
+            hyper_in = self.hyper_proj(hyper_in)
         b, c, h, w = upscaled_embedding.shape
         masks = (hyper_in @ upscaled_embedding.reshape(b, c, h * w)).reshape(b, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
@@ -126,12 +151,31 @@ class SPPMaskDecoder(MaskDecoder):
         """The transformer's prompt-independent work on ``image_embeddings`` ``(B, C, h, w)``, for ``image_cache``."""
         return cache_image_tokens(self.transformer, image_embeddings + dense_prompt_embeddings, image_pe)
 
-    def _fuse(self, upscaled: torch.Tensor, low_level: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.fusion == "none":
-            return upscaled
-        if low_level is None:
-            raise ValueError(f"fusion={self.fusion!r} needs the LLSIE features (low_level_features).")
-        low_level = _expand_to(low_level, upscaled.shape[0], "low_level_features")
-        if self.fusion == "add":
-            return upscaled + low_level
-        return self.fusion_proj(torch.cat([upscaled, low_level], dim=1))
+    def _fuse(self, upscaled: torch.Tensor, low_level: Optional[LowLevelFeatures], guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The upscaled embedding fused with the LLSIE feature at 1/4, then taken through the upscaling stages;
+        ``guidance`` ``(P, 1, H, W)`` at the masks' resolution, the positive clicks' map (with ``click_guidance``)."""
+        skips: Tuple[Optional[torch.Tensor], ...] = (None,) * (len(self.upscaling_stages) + 1)
+        if self.fusion != "none":
+            if low_level is None:
+                raise ValueError(f"fusion={self.fusion!r} needs the LLSIE features (low_level_features).")
+            skips = low_level if isinstance(low_level, tuple) else (low_level,)
+            if len(skips) != len(self.upscaling_stages) + 1:
+                raise ValueError(f"expected {len(self.upscaling_stages) + 1} LLSIE features (one per scale), got {len(skips)}.")
+            quarter = _expand_to(skips[-1], upscaled.shape[0], "low_level_features")
+            upscaled = upscaled + quarter if self.fusion == "add" else self.fusion_proj(torch.cat([upscaled, quarter], dim=1))
+        upscaled = self._guide(upscaled, guidance, 0)
+        for index, (stage, skip) in enumerate(zip(self.upscaling_stages, reversed(skips[:-1])), start=1):
+            if skip is not None:
+                _check_batch(skip, upscaled.shape[0], "low_level_features")
+            upscaled = self._guide(stage(upscaled, skip), guidance, index)
+        return upscaled
+
+    def _guide(self, embedding: torch.Tensor, guidance: Optional[torch.Tensor], scale: int) -> torch.Tensor:
+        """``embedding`` plus the click guidance at its resolution (``scale`` counts the stages from 1/4)."""
+        if self.guidance_proj is None:
+            return embedding
+        if guidance is None:
+            raise ValueError("this decoder has click guidance: it needs the positive clicks' map (click_guidance).")
+        factor = guidance.shape[-1] // embedding.shape[-1]
+        resized = F.max_pool2d(guidance, factor) if factor > 1 else guidance
+        return embedding + self.guidance_proj[scale](resized.to(embedding.dtype))

@@ -19,7 +19,8 @@ from sppnet_monai.clicks import click_pixels
 from sppnet_monai.networks.cached_decoding import CachedImageTokens
 from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
 from sppnet_monai.networks.llsie import LLSIE
-from sppnet_monai.networks.mask_decoder import SPPMaskDecoder
+from sppnet_monai.networks.mask_decoder import LowLevelFeatures, SPPMaskDecoder
+from sppnet_monai.networks.native_decoder import LLSIEPyramid, upscaling_stages_for
 from sppnet_monai.utils import SPPNetError
 
 __all__ = [
@@ -28,11 +29,13 @@ __all__ = [
     "MASK_CHANNEL",
     "PIXEL_MEAN",
     "PIXEL_STD",
+    "RECIPE_DEFAULTS",
     "RECIPE_KEYS",
     "ImageFeatures",
     "SPPNet",
     "SPPNetOutput",
     "check_image_size",
+    "clicked_channel",
     "clicks_from_guidance",
     "denormalize_rgb",
 ]
@@ -53,19 +56,28 @@ def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 # What a trained network's shape or meaning depends on: saved with its weights (see SPPNet.recipe).
-RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head")
+RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head", "mask_stride", "click_head")
+# What a checkpoint saved before a recipe key existed was built with (its absence means this value).
+RECIPE_DEFAULTS = {"fusion": "add", "instance_head": None, "mask_stride": 4, "click_head": False}
 
 # What the instance head predicts (see SPPNet): nucleus contours, or each nucleus's normalised distance map.
 INSTANCE_HEADS = ("boundary", "distance")
-# Output channels of a network with an instance head: nuclei mask logits, then the instance head's logits.
+# Output channels: nuclei mask logits, then the instance head's logits (when it has one), then the clicked
+# nucleus's logits (with a click head; see clicked_channel).
 MASK_CHANNEL, INSTANCE_CHANNEL = 0, 1
+
+
+def clicked_channel(instance_head: Optional[str], click_head: bool) -> Optional[int]:
+    """Output channel of the clicked nucleus: after the mask and the instance head's map; None without a click head."""
+    return 1 + int(instance_head is not None) if click_head else None
 
 
 class ImageFeatures(NamedTuple):
     """What the encoders compute once per image, reusable for any number of prompts.
 
     embeddings: ``(B, 256, S/16, S/16)`` Tiny-ViT + neck output.
-    low_level: ``(B, 32, S/4, S/4)`` LLSIE features, or None without LLSIE.
+    low_level: ``(B, 32, S/4, S/4)`` LLSIE features, or with ``mask_stride`` < 4 a tuple of them at
+        ``S / mask_stride`` ... ``S/4``, finest first; None without LLSIE.
     input_size: ``(H, W)`` of the image before padding to ``S x S``.
     decoder_cache: the mask decoder's per-image work (``SPPMaskDecoder.cache_image``), computed by
         ``encode`` in eval mode so that each prompt costs less; None in training. Decoding uses it
@@ -73,14 +85,15 @@ class ImageFeatures(NamedTuple):
     """
 
     embeddings: torch.Tensor
-    low_level: Optional[torch.Tensor]
+    low_level: Optional[LowLevelFeatures]
     input_size: Tuple[int, int]
     decoder_cache: Optional[CachedImageTokens] = None
 
 
 class SPPNetOutput(NamedTuple):
     """masks: ``(P, M, H, W)`` logits at input size; iou_predictions: ``(P, M)``;
-    low_res_masks: ``(P, M, S/4, S/4)`` logits (the paper's 256x256 output at S = 1024)."""
+    low_res_masks: ``(P, M, S/m, S/m)`` logits as the decoder draws them, m = ``mask_stride`` (the paper's
+    256x256 output at S = 1024, m = 4)."""
 
     masks: torch.Tensor
     iou_predictions: torch.Tensor
@@ -113,6 +126,8 @@ def _image_of_batch(features: ImageFeatures, index: int) -> ImageFeatures:
     batch = features.embeddings.shape[0]
 
     def pick(value):
+        if isinstance(value, tuple):
+            return tuple(pick(item) for item in value)
         return value[index : index + 1] if isinstance(value, torch.Tensor) and value.shape[0] == batch else value
 
     cache = features.decoder_cache
@@ -155,6 +170,11 @@ class SPPNet(nn.Module):
             border normalised to 1 at its centre (Naylor et al., HoVer-Net's idea in one channel),
             whose cores seed the watershed (:mod:`~sppnet_monai.postprocess`). None: the mask alone.
             Same weights and keys either way, so any SPPNet checkpoint loads into any of them.
+        mask_stride: the decoder's masks are at ``1 / mask_stride`` of the input: 4 is SAM's decoder
+            (64x64 logits for a 256 window); 2 or 1 add upscaling stages fed by LLSIE at full
+            resolution (:mod:`~sppnet_monai.networks.native_decoder`), 1 draws every input pixel.
+        click_head: also return, from the next spare mask token (channel :attr:`clicked_channel`), the
+            nucleus under the positive click alone (NuClick's task), beside the mask of all nuclei.
     """
 
     in_channels = 5
@@ -168,17 +188,21 @@ class SPPNet(nn.Module):
         multimask_output: bool = False,
         drop_path_rate: float = 0.0,
         instance_head: Optional[str] = None,
+        mask_stride: int = 4,
+        click_head: bool = False,
     ) -> None:
         super().__init__()
         check_image_size(image_size)
         if instance_head not in (None, *INSTANCE_HEADS):
             raise ValueError(f"instance_head must be None or one of {INSTANCE_HEADS}, got {instance_head!r}.")
-        if instance_head and multimask_output:
-            raise ValueError("the instance head uses a spare mask token of the decoder: it cannot go with multimask_output.")
+        if (instance_head or click_head) and multimask_output:
+            raise ValueError("the instance and click heads use spare mask tokens of the decoder: they cannot go with multimask_output.")
+        stages = upscaling_stages_for(mask_stride)
         stride = TinyViTImageEncoder.stride
         self.image_size = image_size
         self.multimask_output = multimask_output
-        self._recipe = {"image_size": int(image_size), "fusion": fusion, "encoder_name": encoder_name, "embed_dim": int(embed_dim), "instance_head": instance_head}
+        self._recipe = {"image_size": int(image_size), "fusion": fusion, "encoder_name": encoder_name, "embed_dim": int(embed_dim), "instance_head": instance_head,
+                        "mask_stride": int(mask_stride), "click_head": bool(click_head)}
         self.loaded_recipe: Optional[Dict[str, Any]] = None
         embedding_size = image_size // stride
         self.image_encoder = TinyViTImageEncoder(encoder_name, out_chans=embed_dim, drop_path_rate=drop_path_rate)
@@ -190,17 +214,23 @@ class SPPNet(nn.Module):
         )
         self.mask_decoder = SPPMaskDecoder(
             fusion=fusion,
-            extra_outputs=int(instance_head is not None),
+            extra_outputs=int(instance_head is not None) + int(bool(click_head)),
+            upscaling_stages=stages,
+            click_guidance=bool(click_head),
             transformer_dim=embed_dim,
             transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
             num_multimask_outputs=3,
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         )
-        # The decoder's masks are at S/4; LLSIE must match, directly ("add") or after 2x2 pooling ("concat").
-        self.mask_size = 4 * embedding_size
+        # The decoder's masks are at S/4 (S / mask_stride after its upscaling stages); LLSIE must match,
+        # directly ("add") or after 2x2 pooling ("concat"), or as a pyramid from full resolution down to S/4.
+        self.mask_size = image_size // mask_stride
         self.llsie: Optional[nn.Module] = None
-        if fusion != "none":
+        if fusion != "none" and stages:
+            self.llsie_input_size = self.mask_size
+            self.llsie = LLSIEPyramid(3, embed_dim // 8, levels=stages + 1)
+        elif fusion != "none":
             pool = fusion == "concat"
             self.llsie_input_size = self.mask_size * (2 if pool else 1)
             self.llsie = nn.Sequential(LLSIE(3, embed_dim // 8), nn.MaxPool2d(2) if pool else nn.Identity())
@@ -229,9 +259,22 @@ class SPPNet(nn.Module):
         return self._recipe["instance_head"]
 
     @property
+    def click_head(self) -> bool:
+        return self._recipe["click_head"]
+
+    @property
+    def mask_stride(self) -> int:
+        return self._recipe["mask_stride"]
+
+    @property
+    def clicked_channel(self) -> Optional[int]:
+        """Output channel of the clicked nucleus (:func:`clicked_channel`); None without a click head."""
+        return clicked_channel(self.instance_head, self.click_head)
+
+    @property
     def out_channels(self) -> int:
-        """Channels of :meth:`forward`'s logits: the mask, then the instance map or SAM's other candidates."""
-        return 3 if self.multimask_output else 1 + int(self.instance_head is not None)
+        """Channels of :meth:`forward`'s logits: the mask, then the instance map and the clicked nucleus, or SAM's other candidates."""
+        return 3 if self.multimask_output else 1 + int(self.instance_head is not None) + int(self.click_head)
 
     @property
     def recipe(self) -> Dict[str, Any]:
@@ -270,7 +313,9 @@ class SPPNet(nn.Module):
         low_level = None
         if self.llsie is not None:
             size = (self.llsie_input_size, self.llsie_input_size)
-            low_level = self.llsie(F.interpolate(padded, size=size, mode="bilinear", align_corners=False, antialias=True))
+            if size != tuple(padded.shape[-2:]):
+                padded = F.interpolate(padded, size=size, mode="bilinear", align_corners=False, antialias=True)
+            low_level = self.llsie(padded)
         decoder_cache = None
         if not self.training:  # training decodes each image once, through segment-anything's own forward
             _, no_mask_embedding = self.prompt_encoder(points=None, boxes=None, masks=None)
@@ -304,8 +349,8 @@ class SPPNet(nn.Module):
         return self.decode(self.encode(image), point_coords, point_labels, multimask_output)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Mask logits ``(B, 1, H, W)`` of ``image`` ``(B, 5, H, W)``; ``(B, 2, H, W)`` (mask, instance map)
-        with an ``instance_head``, ``(B, 3, H, W)`` with ``multimask_output``."""
+        """Mask logits ``(B, out_channels, H, W)`` of ``image`` ``(B, 5, H, W)``: the mask, then the instance map
+        with an ``instance_head`` and the clicked nucleus with a ``click_head``; SAM's 3 candidates with ``multimask_output``."""
         _check_image(image, self.in_channels, self.image_size)
         return self.decode_guidance(self.encode(image[:, :3]), image[:, 3:5])
 
@@ -350,12 +395,32 @@ class SPPNet(nn.Module):
         sparse, dense = self.prompt_encoder(points=(point_coords.float(), point_labels), boxes=None, masks=None)
         cache = features.decoder_cache
         image_pe = self.prompt_encoder.get_dense_pe() if cache is None else None  # the cache holds it
+        guidance = click_guidance_map(point_coords, point_labels, self.mask_size, self.image_size) if self.click_head else None
         low_res_masks, iou_predictions = self.mask_decoder(
-            features.embeddings, image_pe, sparse, dense, multimask, features.low_level, cache
+            features.embeddings, image_pe, sparse, dense, multimask, features.low_level, cache, guidance
         )
-        masks = F.interpolate(low_res_masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        masks = low_res_masks
+        if masks.shape[-1] != self.image_size:
+            masks = F.interpolate(low_res_masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         height, width = features.input_size
         return SPPNetOutput(masks[..., :height, :width], iou_predictions, low_res_masks)
+
+
+# Spread (input pixels) of each positive click in the click head's guidance map: about a small nucleus's radius.
+CLICK_GUIDANCE_SIGMA = 4.0
+
+
+def click_guidance_map(point_coords: torch.Tensor, point_labels: torch.Tensor, size: int, image_size: int) -> torch.Tensor:
+    """``(P, 1, size, size)``: for each prompt, a Gaussian of ``CLICK_GUIDANCE_SIGMA`` input pixels around each of its
+    positive clicks (their maximum), at the decoder's mask resolution ``size`` of an ``image_size`` input."""
+    scale = size / image_size
+    centres = (point_coords.float() + 0.5) * scale - 0.5  # pixel centres sit at integer coordinates
+    grid = torch.arange(size, device=point_coords.device, dtype=torch.float32)
+    dx = grid[None, None, None, :] - centres[..., 0, None, None]  # (P, N, 1, size)
+    dy = grid[None, None, :, None] - centres[..., 1, None, None]  # (P, N, size, 1)
+    sigma = CLICK_GUIDANCE_SIGMA * scale
+    gaussians = torch.exp(-(dx**2 + dy**2) / (2 * sigma**2)) * (point_labels == POSITIVE)[..., None, None]
+    return gaussians.amax(dim=1, keepdim=True)
 
 
 def check_image_size(image_size: int) -> int:

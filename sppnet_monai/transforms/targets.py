@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from monai.config import KeysCollection, NdarrayOrTensor
@@ -35,7 +35,8 @@ def normalised_distance(labels: np.ndarray) -> np.ndarray:
 
 
 class NucleiInstanceTarget(Transform):
-    """Instance label map ``(1, H, W)`` -> targets ``(3, H, W)``: nuclei mask, instance map, its weight.
+    """Instance label map ``(1, H, W)`` -> targets ``(3, H, W)``: nuclei mask, instance map, its weight; with a
+    clicked position, ``(4, H, W)``: then the nucleus under the click alone (the click head's target).
 
     The instance map (what the instance head learns, see ``SPPNet(instance_head=...)``) is:
 
@@ -56,9 +57,12 @@ class NucleiInstanceTarget(Transform):
             raise ValueError(f"kind must be one of {TARGET_KINDS}, got {kind!r}.")
         self.kind = kind
 
-    def __call__(self, label: NdarrayOrTensor, separates_nuclei: bool = True) -> NdarrayOrTensor:
+    def __call__(
+        self, label: NdarrayOrTensor, separates_nuclei: bool = True, click: Sequence[int] | None = None, clicked: bool = False
+    ) -> NdarrayOrTensor:
         """``label``: ``(1, H, W)`` or ``(H, W)`` integer ids, 0 = background; ``separates_nuclei``: whether its
-        ids separate touching nuclei (outlines, not a binary mask's connected components)."""
+        ids separate touching nuclei (outlines, not a binary mask's connected components); with ``clicked``,
+        a fourth channel holds the nucleus under ``click`` ``(x, y)`` (empty for no click or a background click)."""
         ids = convert_to_numpy(label)
         ids = ids[0] if ids.ndim == 3 and ids.shape[0] == 1 else ids
         if ids.ndim != 2:
@@ -70,7 +74,11 @@ class NucleiInstanceTarget(Transform):
         else:
             instance_map = normalised_distance(ids)
         weight = np.full(ids.shape, float(separates_nuclei), dtype=np.float32)
-        targets = np.stack([nuclei.astype(np.float32), instance_map, weight])
+        channels = [nuclei.astype(np.float32), instance_map, weight]
+        if clicked:
+            clicked_id = ids[int(click[1]), int(click[0])] if click is not None else 0
+            channels.append(((ids == clicked_id) & nuclei).astype(np.float32))
+        targets = np.stack(channels)
         out, *_ = convert_to_dst_type(targets, label, dtype=np.float32)
         return out
 
@@ -81,21 +89,30 @@ class NucleiInstanceTargetd(MapTransform):
     touching nuclei (``SEPARATE_NUCLEI_SOURCES``); an entry without one counts as separating them.
 
     Args:
-        keys: instance label maps ``(1, H, W)``, replaced by their ``(3, H, W)`` targets.
+        keys: instance label maps ``(1, H, W)``, replaced by their ``(3, H, W)`` targets (``(4, H, W)`` with ``click_key``).
         kind: ``"boundary"`` or ``"distance"``.
         source_key: the datalist key holding the instance source.
+        click_key: the positive click list (``[[x, y]]``, as :class:`CenterNeighborhoodPointSampled` writes it) whose
+            nucleus is the click head's target; None: no such target.
     """
 
     def __init__(
-        self, keys: KeysCollection = "label", kind: str = "distance", source_key: str = INSTANCE_SOURCE_KEY, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection = "label",
+        kind: str = "distance",
+        source_key: str = INSTANCE_SOURCE_KEY,
+        allow_missing_keys: bool = False,
+        click_key: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.source_key = source_key
+        self.click_key = click_key
         self.target = NucleiInstanceTarget(kind)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         separates = str(d.get(self.source_key, SEPARATE_NUCLEI_SOURCES[0])) in SEPARATE_NUCLEI_SOURCES
+        clicks = list(d.get(self.click_key) or []) if self.click_key else []
         for key in self.key_iterator(d):
-            d[key] = self.target(d[key], separates)
+            d[key] = self.target(d[key], separates, clicks[0] if clicks else None, clicked=self.click_key is not None)
         return d

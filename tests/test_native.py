@@ -1,0 +1,246 @@
+"""Native-resolution SPPNet, the click head and bf16 on CPU: shapes, gradients, old checkpoints, targets, loss, the click rule."""
+
+import numpy as np
+import pytest
+import torch
+
+from sppnet_monai import precision
+from sppnet_monai.inferers import CPUAutocastInferer
+from sppnet_monai.losses import MaskInstanceLoss
+from sppnet_monai.networks import SPPNet, clicked_channel
+from sppnet_monai.networks.checkpoints import EXTRA_STATE_KEY, load_checkpoint, read_recipe
+from sppnet_monai.transforms import NucleiInstanceTargetd
+
+
+def _image(batch: int, size: int, click=(20, 30)) -> torch.Tensor:
+    image = torch.zeros(batch, 5, size, size)
+    image[:, :3] = torch.randn(batch, 3, size, size)
+    image[:, 3, click[1], click[0]] = 1.0
+    image[:, 4, 2, 2] = 1.0
+    return image
+
+
+@pytest.mark.parametrize("mask_stride", [1, 2])
+def test_native_output_shape_and_gradient(mask_stride):
+    net = SPPNet(image_size=64, mask_stride=mask_stride, instance_head="distance", click_head=True)
+    out = net(_image(2, 64))
+    assert out.shape == (2, 3, 64, 64) and net.out_channels == 3 and net.clicked_channel == 2
+    # The decoder draws the masks at 1 / mask_stride: no interpolation when it is 1.
+    low_res = net.predict(_image(1, 64)[:, :3], torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]])).low_res_masks
+    assert low_res.shape[-1] == 64 // mask_stride
+    out[:, 0].mean().backward()
+    stages = net.mask_decoder.upscaling_stages
+    assert len(stages) == {1: 2, 2: 1}[mask_stride]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stages.parameters())
+    assert net.llsie.llsie.head[0].weight.grad.abs().sum() > 0
+
+
+def test_native_decoding_is_finer_than_quarter():
+    """A one-pixel-wide stripe in the full-resolution LLSIE input reaches the native logits but is blurred by 4x interpolation."""
+    torch.manual_seed(0)
+    net = SPPNet(image_size=64, mask_stride=1).eval()
+    image = _image(1, 64)
+    with torch.no_grad():
+        base = net(image)
+        image[0, :3, :, 33] += 3.0
+        moved = net(image)
+    change = (moved - base).abs()[0, 0].mean(dim=0)  # per column
+    assert change[33] > 2 * change[40]  # the stripe's own column moves most
+
+
+def test_eval_paths_agree_with_training_path_native():
+    """encode + cached decode (eval) gives the training forward's masks."""
+    net = SPPNet(image_size=64, mask_stride=1, click_head=True)
+    image = _image(1, 64)
+    net.train()
+    for module in net.modules():  # batch norms in eval, the rest as trained
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    with torch.no_grad():
+        trained = net(image)
+        net.eval()
+        cached = net(image)
+    torch.testing.assert_close(cached, trained, atol=1e-3, rtol=0)
+
+
+def test_old_checkpoint_loads_and_runs_as_before(tmp_path):
+    """A checkpoint whose recipe predates mask_stride and click_head loads into the 1/4 network, unchanged."""
+    torch.manual_seed(0)
+    old = SPPNet(image_size=64).eval()
+    state = old.state_dict()
+    recipe = dict(state[EXTRA_STATE_KEY]["recipe"])
+    for key in ("mask_stride", "click_head"):
+        recipe.pop(key)
+    state[EXTRA_STATE_KEY] = {"recipe": recipe}
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    assert "mask_stride" not in read_recipe(path)
+    new = SPPNet(image_size=64)
+    load_checkpoint(new, path)
+    image = _image(1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(new.eval()(image), old(image))
+
+
+def test_native_checkpoint_refused_by_quarter_network(tmp_path):
+    path = tmp_path / "native.pt"
+    torch.save(SPPNet(image_size=64, mask_stride=1).state_dict(), path)
+    with pytest.raises(ValueError, match="mask_stride 1"):
+        load_checkpoint(SPPNet(image_size=64), path)
+
+
+def test_mobile_sam_loads_into_native_network(tmp_path):
+    mobile_sam = pytest.importorskip("mobile_sam")
+    reference = mobile_sam.sam_model_registry["vit_t"]()
+    path = tmp_path / "mobile_sam.pt"
+    torch.save(reference.state_dict(), path)
+    net = SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True)
+    fresh = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("llsie.", "mask_decoder.upscaling_stages", "mask_decoder.hyper_proj", "mask_decoder.guidance_proj"))}
+    assert load_checkpoint(net, path) == "mobile_sam"
+    after = net.state_dict()
+    assert fresh and all(torch.equal(v, after[k]) for k, v in fresh.items())  # new layers start fresh
+    torch.testing.assert_close(after["mask_decoder.mask_tokens.weight"], reference.mask_decoder.mask_tokens.weight)
+
+
+def test_click_guidance_map_peaks_at_positive_clicks_only():
+    from sppnet_monai.networks.sppnet import click_guidance_map
+
+    coords = torch.tensor([[[20.0, 30.0], [5.0, 5.0]], [[40.0, 8.0], [50.0, 50.0]]])
+    labels = torch.tensor([[1, 0], [1, -1]])
+    native = click_guidance_map(coords, labels, 64, 64)
+    assert native.shape == (2, 1, 64, 64)
+    for index, (x, y) in enumerate([(20, 30), (40, 8)]):
+        peak = int(native[index, 0].argmax())
+        assert divmod(peak, 64) == (y, x) and native[index, 0, y, x] == pytest.approx(1.0)
+    assert native[0, 0, 5, 5] < 1e-3 and native[1, 0, 50, 50] < 1e-3  # negative and padding points leave no mark
+    quarter = click_guidance_map(coords, labels, 16, 64)  # at a 1/4 decoder: the same place, a quarter of the size
+    assert divmod(int(quarter[0, 0].argmax()), 16) == (7, 5)
+
+
+def test_click_guidance_moves_the_click_head_with_the_click():
+    """With the guidance map the click head's answer depends on where the click is, from the first step on."""
+    torch.manual_seed(0)
+    net = SPPNet(image_size=64, mask_stride=1, click_head=True).eval()
+    image = _image(1, 64, click=(10, 10))
+    moved = image.clone()
+    moved[0, 3] = 0
+    moved[0, 3, 50, 50] = 1.0  # the same image, the click elsewhere
+    with torch.no_grad():
+        first, second = net(image)[0, 1], net(moved)[0, 1]
+    change = (first - second).abs()
+    assert change[6:15, 6:15].mean() > 2 * change[25:35, 25:35].mean()  # most where the clicks are (2.3x, random weights)
+
+
+def _touching_pair() -> np.ndarray:
+    """(1, 32, 32) instance map: two touching discs, ids 1 and 2."""
+    yy, xx = np.mgrid[:32, :32]
+    labels = np.zeros((32, 32), dtype=np.int64)
+    labels[(yy - 16) ** 2 + (xx - 10) ** 2 <= 36] = 1
+    labels[((yy - 16) ** 2 + (xx - 21) ** 2 <= 36) & (labels == 0)] = 2
+    return labels[None]
+
+
+def test_click_target_is_the_clicked_one_of_two_touching_nuclei():
+    labels = _touching_pair()
+    target = NucleiInstanceTargetd("label", click_key="foreground")({"label": labels, "foreground": [[22, 16]], "instances": "xml"})["label"]
+    assert target.shape == (4, 32, 32)
+    np.testing.assert_array_equal(target[3] > 0, labels[0] == 2)
+    on_background = NucleiInstanceTargetd("label", click_key="foreground")({"label": labels, "foreground": [[0, 0]]})["label"]
+    assert on_background[3].sum() == 0
+
+
+def test_loss_learns_the_click_head_on_every_image_and_the_instance_map_where_known():
+    loss = MaskInstanceLoss("dice_ce", clicked_channel=clicked_channel("distance", True))
+    target = torch.from_numpy(
+        NucleiInstanceTargetd("label", click_key="foreground")({"label": _touching_pair(), "foreground": [[10, 16]]})["label"]
+    )[None].float()
+    right = torch.stack([target[:, 0], target[:, 1], target[:, 3]], dim=1) * 20 - 10
+    wrong_click = right.clone()
+    wrong_click[:, 2] = target[:, 0] * 20 - 10  # both nuclei instead of the clicked one
+    wrong_map = right.clone()
+    wrong_map[:, 1] = -right[:, 1]
+    unknown = target.clone()
+    unknown[:, 2] = 0  # a binary mask's components: the instance map is not learnt there
+    for known in (target, unknown):
+        assert loss(wrong_click, known) > loss(right, known) + 0.2
+    assert loss(wrong_map, target) > loss(right, target) + 0.2
+    assert loss(wrong_map, unknown) == pytest.approx(float(loss(right, unknown)), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def click_head_predictor(tmp_path_factory):
+    """A Predictor of a tiny native network with instance and click heads (random weights)."""
+    from sppnet_monai.predict import Predictor
+
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True).state_dict(), path)
+    return Predictor(str(path))
+
+
+def test_predictor_builds_the_recorded_native_network(click_head_predictor):
+    network = click_head_predictor.network
+    assert (network.mask_stride, network.click_head, click_head_predictor.clicked_channel) == (1, True, 2)
+
+
+def test_clicked_instances_returns_the_clicked_one_of_two_touching_nuclei(click_head_predictor):
+    """The click rule on the click head's logits: the piece under each click, one id per click, nothing else."""
+    labels = _touching_pair()[0]
+    logits = torch.full((3, 32, 32), -10.0)
+    logits[2][torch.from_numpy(labels == 2)] = 10.0  # the click head separates touching nuclei
+    logits[2, 28:31, 28:31] = 10.0  # a piece nobody clicked
+    instances = click_head_predictor.clicked_instances(logits, [[22, 16]])
+    np.testing.assert_array_equal(instances, (labels == 2).astype(np.int32))
+
+
+def test_edit_instances_adds_and_removes_by_clicks(click_head_predictor):
+    labels = _touching_pair()[0].astype(np.int32)
+    edited = click_head_predictor.edit_instances(labels, [], [[21, 16]], lambda click: None)  # negative click on nucleus 2
+    np.testing.assert_array_equal(edited, (labels == 1).astype(np.int32))
+    added = click_head_predictor.edit_instances(np.zeros_like(labels), [[10, 16]], [], lambda click: labels == 1)
+    np.testing.assert_array_equal(added, (labels == 1).astype(np.int32))
+    untouched = click_head_predictor.edit_instances(labels, [[10, 16]], [], lambda click: np.ones_like(labels, dtype=bool))
+    np.testing.assert_array_equal(untouched, labels)  # a positive click on a nucleus already there adds nothing
+
+
+def test_clicked_logits_are_the_forward_click_channel_of_their_window(click_head_predictor):
+    """Several clicks decoded against one encoding of a window give, each, the network's forward pass on that window."""
+    predictor = click_head_predictor
+    torch.manual_seed(1)
+    rgb = torch.rand(3, 96, 80) * 255
+    window, clicks = (16, 32, 64, 64), [[40, 50], [70, 90]]  # image pixels, inside the window
+    logits = predictor.clicked_logits({"image": rgb}, clicks, window)
+    assert logits.shape == (2, 64, 64)
+    crop = rgb[:, 32:96, 16:80]
+    background = predictor.prompt({"image": crop, "foreground": [], "background": []})[4]
+    for index, (x, y) in enumerate(clicks):
+        image = predictor.prompt({"image": crop, "foreground": [[x - 16, y - 32]], "background": []})
+        image[4] = background  # the window's automatic background click, as clicked_logits uses it
+        with torch.no_grad(), predictor.autocast():
+            forward = predictor.network(image[None])[0, 2].float()
+        scale = forward.abs().max().item()
+        torch.testing.assert_close(logits[index], forward, atol=0.05 * scale, rtol=0)
+    assert (logits[0] - logits[1]).abs().max() > 0.05 * logits.abs().max()  # each click its own answer
+
+
+def test_bf16_and_float32_agree_on_a_tiny_network(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # the numerics, on any CPU
+    torch.manual_seed(0)
+    net = SPPNet(image_size=64, mask_stride=1, instance_head="distance").eval()
+    image = _image(2, 64)
+    with torch.no_grad():
+        float32 = CPUAutocastInferer(lambda x, n: n(x), cpu_bf16=False)(image, net)
+        bf16 = CPUAutocastInferer(lambda x, n: n(x), cpu_bf16=True)(image, net)
+    assert bf16.dtype == torch.float32
+    assert not torch.equal(bf16, float32)  # it did run in bfloat16
+    agree = ((bf16[:, 0] > 0) == (float32[:, 0] > 0)).float().mean()
+    assert agree > 0.98, agree
+    torch.testing.assert_close(bf16, float32, atol=0.1 * float32.abs().max().item(), rtol=0)
+
+
+def test_autocast_rule(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert not precision.autocast("cpu", cpu_bf16=True)._enabled  # no bf16 units: float32
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.autocast("cpu", cpu_bf16=True)._enabled
+    assert not precision.autocast("cpu", cpu_bf16=False)._enabled
+    assert not precision.autocast("cuda", amp=False)._enabled
