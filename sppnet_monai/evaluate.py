@@ -35,9 +35,9 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from sppnet_monai.clicks import choose_window
 from sppnet_monai.data.image_io import read_mask, read_rgb, write_json, write_png
 from sppnet_monai.data.instances import INSTANCE_SOURCE_KEY, SEPARATE_NUCLEI_SOURCES
-from sppnet_monai.clicks import choose_window
 from sppnet_monai.inferers import window_grid
 from sppnet_monai.metrics import dice_score, score_image, summarise
 from sppnet_monai.postprocess import instances_from_semantic
@@ -182,9 +182,14 @@ def clicked_nucleus_dice(
     height, width = truth.shape
     dice = []
     if predictor is None or predictor.clicked_channel is None:
+        # The predicted nucleus under each click: areas counted once, overlaps inside each true nucleus's box.
+        pred_area = np.bincount(instances.ravel()) if instances is not None else np.zeros(1, dtype=np.int64)
+        boxes = ndimage.find_objects(truth)
         for index, (x, y) in clicks:
-            returned = instances == instances[y, x] if instances is not None and instances[y, x] > 0 else np.zeros_like(truth, dtype=bool)
-            dice.append(2.0 * np.count_nonzero(returned & (truth == index)) / (np.count_nonzero(returned) + sizes[index]))
+            returned = int(instances[y, x]) if instances is not None else 0
+            box = boxes[index - 1]
+            overlap = np.count_nonzero((truth[box] == index) & (instances[box] == returned)) if returned else 0
+            dice.append(2.0 * overlap / ((pred_area[returned] if returned else 0) + sizes[index]))
         return float(np.mean(dice))
     loaded = predictor.load_image({"image": image})
     windows: dict[tuple, list] = {}

@@ -45,9 +45,9 @@ class MaskInstanceLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.mask_loss(pred[:, :1], target[:, :1])
         clicked = self.clicked_channel is not None
-        channels = 1 + int(clicked)
-        if pred.shape[1] == channels and not clicked:
+        if pred.shape[1] == 1 and not clicked:
             return loss
+        channels = 1 + int(clicked)
         if pred.shape[1] not in (channels, channels + 1) or target.shape[1] != 3 + int(clicked):
             raise ValueError(
                 f"expected predictions (B, {channels} or {channels + 1}, H, W) and targets (B, {3 + int(clicked)}, H, W), "

@@ -17,13 +17,13 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from scipy import ndimage
-from skimage.segmentation import relabel_sequential
 from monai.bundle import ConfigParser
 from monai.transforms import AsDiscrete, Compose
 from tqdm import tqdm
 
 from sppnet_monai.clicks import click_pixels, first_in_scan_order
 from sppnet_monai.data.image_io import write_png
+from sppnet_monai.data.instances import relabel_consecutive
 from sppnet_monai.data.slides import Region, Slide, parse_region
 from sppnet_monai.inferers import WindowLogitCache
 from sppnet_monai.nuclei import nuclei_records, read_jsonl, write_nuclei
@@ -231,22 +231,21 @@ class Predictor:
         instances: np.ndarray,
         foreground: Sequence[Sequence[int]],
         background: Sequence[Sequence[int]],
-        nucleus_at: Callable[[Sequence[int]], np.ndarray | None],
+        nucleus_at: Callable[[Sequence[int]], np.ndarray | None] | None = None,
     ) -> np.ndarray:
         """``instances`` ``(h, w)`` (all nuclei of an area) corrected by the user's clicks (``[x, y]`` pixels of the
         map): a negative click on a nucleus removes that nucleus; a positive click outside every nucleus adds
-        ``nucleus_at(click)`` (``(h, w)`` bool, e.g. from :meth:`clicked_nucleus`; None adds nothing). Returns a
-        new map, ids renumbered 1..N in their order."""
+        ``nucleus_at(click)`` (``(h, w)`` bool, e.g. from :meth:`clicked_nucleus`; a None result, or no
+        ``nucleus_at``, adds nothing). Returns a new map, ids renumbered 1..N in their order."""
         edited = instances.copy()
         for x, y in background:
             if edited[int(y), int(x)] > 0:
                 edited[edited == edited[int(y), int(x)]] = 0
         for click in foreground:
-            if edited[int(click[1]), int(click[0])] == 0:
-                nucleus = nucleus_at(click)
-                if nucleus is not None:
-                    edited[nucleus & (edited == 0)] = edited.max() + 1
-        return relabel_sequential(edited)[0].astype(np.int32)
+            nucleus = nucleus_at(click) if nucleus_at is not None and edited[int(click[1]), int(click[0])] == 0 else None
+            if nucleus is not None:
+                edited[nucleus & (edited == 0)] = edited.max() + 1
+        return relabel_consecutive(edited, dtype=np.int32)
 
     @staticmethod
     def head_map(logits: torch.Tensor) -> np.ndarray | None:

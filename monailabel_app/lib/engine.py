@@ -44,9 +44,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from skimage.segmentation import relabel_sequential
 
 from sppnet_monai.clicks import choose_window, click_pixels, first_in_scan_order, grid_origins
+from sppnet_monai.data.instances import relabel_consecutive
 from sppnet_monai.data.slides import Slide
 from sppnet_monai.nuclei import nuclei_records
 from sppnet_monai.slide_inference import SlideSegmenter, level_region
@@ -279,7 +279,7 @@ class ClickSegmenter:
         instances = np.zeros((height, width), dtype=np.int32)
         box = np.s_[y0:y1, x0:x1]
         if clicked_only:  # a nucleus answered by two windows keeps one id; ids renumbered 1..N
-            instances = relabel_sequential(clicked)[0].astype(np.int32)
+            instances = relabel_consecutive(clicked, dtype=np.int32)
         else:
             instances[box] = predictor.split_nuclei(mask[box], None if head_map is None else head_map[box])
         info = {
@@ -348,8 +348,7 @@ class ClickSegmenter:
                 info = {"mode": "automatic" if not fg else "tiled", "windows": []}
             else:
                 x0, y0, w, h = window
-                read = lambda win: torch.from_numpy(slide.read(*win, level)).float()  # noqa: E731
-                entry, hit = self._window_entry((*stamp, level, window), window, read)
+                entry, hit = self._window_entry((*stamp, level, window), window, _slide_reader(slide, level))
                 local = lambda clicks: [[int(x) - x0, int(y) - y0] for x, y in clicks if x0 <= x < x0 + w and y0 <= y < y0 + h]  # noqa: E731
                 logits, used, auto = self._segment_window(entry, local(fg), local(bg), predictor)
                 if clicked_only and predictor.clicked_channel is not None:
@@ -359,7 +358,7 @@ class ClickSegmenter:
                     if predictor.clicked_channel is not None:
                         nucleus_at = lambda click: predictor.clicked_nucleus(logits[predictor.clicked_channel], click)  # noqa: E731
                     split = predictor.split_nuclei(predictor.mask(logits), predictor.head_map(logits))
-                    instances = predictor.edit_instances(split, local(fg), local(bg), nucleus_at or (lambda click: None))
+                    instances = predictor.edit_instances(split, local(fg), local(bg), nucleus_at)
                 left, top = ax - x0, ay - y0
                 records = nuclei_records(
                     instances, origin=(x0 * scale, y0 * scale), scale=scale,
@@ -372,7 +371,6 @@ class ClickSegmenter:
             records = [r for r in records if r["area"] >= min_area]
             info.update(encoder_runs=self.encoder_runs, cached_embeddings=len(self._cache), nuclei_count=len(records))
         return records, info
-
 
     def _edit_records(
         self, records: list[dict], slide: Slide, stamp: tuple, level: int, scale: float, fg: list, bg: list, predictor
@@ -392,17 +390,22 @@ class ClickSegmenter:
             return kept
         width, height = slide.size(level)
         for x, y in fg:
-            if at(x, y) is not None and at(x, y) not in dropped:
+            on = at(x, y)
+            if on is not None and on not in dropped:
                 continue
             window = choose_window(int(x), int(y), width, height, predictor.image_size)
             x0, y0, w, h = window
-            read = lambda win: torch.from_numpy(slide.read(*win, level)).float()  # noqa: E731
-            entry, _ = self._window_entry((*stamp, level, window), window, read)
+            entry, _ = self._window_entry((*stamp, level, window), window, _slide_reader(slide, level))
             click = [int(x) - x0, int(y) - y0]
             logits, _, _ = self._segment_window(entry, [click], [], predictor)
             nucleus = predictor.clicked_instances(logits, [click])
             kept += nuclei_records(nucleus, origin=(x0 * scale, y0 * scale), scale=scale)
         return kept
+
+
+def _slide_reader(slide: Slide, level: int):
+    """``read(window)`` for :meth:`ClickSegmenter._window_entry`: the ``(3, h, w)`` float RGB of ``window`` at ``level``."""
+    return lambda window: torch.from_numpy(slide.read(*window, level)).float()
 
 
 def _covering_window(area: tuple, width: int, height: int, size: int) -> tuple | None:

@@ -201,8 +201,15 @@ class SPPNet(nn.Module):
         stride = TinyViTImageEncoder.stride
         self.image_size = image_size
         self.multimask_output = multimask_output
-        self._recipe = {"image_size": int(image_size), "fusion": fusion, "encoder_name": encoder_name, "embed_dim": int(embed_dim), "instance_head": instance_head,
-                        "mask_stride": int(mask_stride), "click_head": bool(click_head)}
+        self._recipe = {
+            "image_size": int(image_size),
+            "fusion": fusion,
+            "encoder_name": encoder_name,
+            "embed_dim": int(embed_dim),
+            "instance_head": instance_head,
+            "mask_stride": int(mask_stride),
+            "click_head": bool(click_head),
+        }
         self.loaded_recipe: Optional[Dict[str, Any]] = None
         embedding_size = image_size // stride
         self.image_encoder = TinyViTImageEncoder(encoder_name, out_chans=embed_dim, drop_path_rate=drop_path_rate)
