@@ -26,13 +26,15 @@ from typing import Dict
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib import routes
+from lib.activelearning import NextPatch
 from lib.engine import ClickSegmenter
-from lib.infer import NO_SLIDE, SPPNetClickInfer, check_wsi_request
+from lib.infer import CANCEL_COUNT, NO_SLIDE, SPPNetClickInfer, check_wsi_request
 from lib.train import SPPNetTrain, train_in_subprocess
-from sppnet_monai.utils import SPPNetError
+from sppnet_monai.utils import SPPNetError, without_folders
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,22 @@ class SPPNetApp(MONAILabelApp):
     def init_trainers(self) -> Dict[str, TrainTask]:
         return {MODEL_NAME: SPPNetTrain(str(self.bundle_dir), self.train_configs, self.train_defaults)}
 
+    def init_strategies(self) -> Dict[str, Strategy]:
+        # QuPath's Next Sample lists these (GET /info/) and draws the answer's bbox as the patch to label.
+        return {"random": NextPatch(self.segmenter, uncertainty=False), "entropy": NextPatch(self.segmenter, uncertainty=True)}
+
+    def check_label(self, image: str, label_file: str) -> dict:
+        """What a final label of ``image`` trains: ``{"nuclei": N}``; 404 for an unknown image, 400 with the reason
+        for a label that cannot train (no outline, malformed file, outlines outside the patch, wrong size)."""
+        from sppnet_monai.data.prepare import labelled_sample
+
+        path = self._image_path(image)
+        try:
+            sample = labelled_sample(path, label_file, image)
+        except SPPNetError as err:
+            raise HTTPException(status_code=400, detail=without_folders(without_folders(str(err), label_file), path)) from None
+        return {"nuclei": int(sample.labels.max())}
+
     def _image_path(self, image: str, datastore=None) -> str:
         """The file of ``image`` (a path, or a datastore id); 404 naming the id otherwise.
         (MONAI Label maps an unknown id to "" and lets the task fail.)"""
@@ -117,9 +135,10 @@ class SPPNetApp(MONAILabelApp):
         try:
             check_wsi_request(request, path)
         except SPPNetError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from err
+            raise HTTPException(status_code=400, detail=without_folders(str(err), path)) from err
         if not torch.cuda.is_available():
             request.update(multi_gpu=False, device="cpu")
+        request[CANCEL_COUNT] = self.segmenter.cancel_count  # DELETE /infer/regions stops all its tiles
         if is_openslide_supported(path):
             return super().infer_wsi(request, datastore)
         tile = self.infer({**request, "image": path, "result_write_to_file": False}, datastore)["params"]

@@ -1,3 +1,3 @@
 """SPPNet: a single-point prompt network for nuclei segmentation, packaged for MONAI."""
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"

@@ -1,11 +1,12 @@
 """``python -m sppnet_monai``: the command-line interface (a ``fire`` CLI).
 
-Each command lives in the module of its concern; this file only wires them together and turns
-:class:`~sppnet_monai.utils.SPPNetError` into a one-line message and a non-zero exit.
+Each command lives in the module of its concern; this file only wires them together, lists them
+(``--help``) and turns :class:`~sppnet_monai.utils.SPPNetError` into one-line messages and its exit status.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -14,6 +15,9 @@ from pathlib import Path
 import fire
 
 from sppnet_monai.utils import user_error
+
+PROG = "python -m sppnet_monai"
+HELP_FLAGS = ("-h", "--help")
 
 
 class Prepare:
@@ -144,7 +148,7 @@ class Commands:
         inference config (e.g. ``--threshold 0.4``; ``image_size`` comes from the checkpoint). Under
         ``torchrun`` the inputs are shared out between the processes.
         """
-        from sppnet_monai.predict import DEFAULT_CONFIG, run_predict
+        from sppnet_monai.predict import DEFAULT_CONFIG, ImagesFailed, run_predict
 
         formats = formats.split(",") if isinstance(formats, str) else list(formats)
         if isinstance(region, tuple):  # fire parses 1,2,3,4 as a tuple
@@ -152,14 +156,67 @@ class Commands:
         summary = run_predict(inputs, output_dir, checkpoint, clicks, formats, config or DEFAULT_CONFIG, region, level, tile_size, **overrides)
         if int(os.environ.get("RANK", "0")) == 0:  # one report for a torchrun job
             _report(summary)
+            if summary["failed"]:  # the others' outputs are written, but a script must see that some are missing
+                raise ImagesFailed(summary["failed"], len(summary["images"]) + len(summary["failed"]))
+
+
+def _summary(member: object) -> str:
+    """The first line of ``member``'s docstring, without reST's double backquotes."""
+    return (inspect.getdoc(member) or "").split("\n", 1)[0].replace("``", "")
+
+
+def _command_rows(commands: object, prefix: str = "") -> list[tuple[str, str]]:
+    """``(command, summary)`` of ``commands``' public methods in the order they are written, then of its groups'
+    (public attributes: ``prepare``) as ``group command``."""
+    rows = [(prefix + name, _summary(member)) for name, member in vars(type(commands)).items() if not name.startswith("_") and callable(member)]
+    for name, group in vars(commands).items():
+        if not name.startswith("_"):
+            rows += _command_rows(group, f"{prefix}{name} ")
+    return rows
+
+
+def usage() -> str:
+    """What ``python -m sppnet_monai --help`` prints: every command with its one-line summary."""
+    rows = _command_rows(Commands())
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(
+        [f"usage: {PROG} COMMAND [ARGS] [--FLAG VALUE ...]", "", _summary(Commands), "", "commands:"]
+        + [f"  {name:<{width}}  {summary}" for name, summary in rows]
+        + ["", f"'{PROG} COMMAND --help' describes a command's arguments."]
+    )
+
+
+def _command_path(argv: list[str]) -> list[str]:
+    """The leading words of ``argv`` that name a command or group (``["prepare", "demo"]``)."""
+    component: object = Commands()
+    path: list[str] = []
+    for word in argv:
+        member = None if word.startswith("_") else getattr(component, word, None)
+        if member is None:
+            break
+        path.append(word)
+        component = member
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command in ``argv`` (default ``sys.argv[1:]``); ``--help``/``-h`` or nothing lists the commands."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    if any(arg in HELP_FLAGS for arg in argv[:end]):
+        # In front of fire's "--", predict and evaluate would take --help as a config override (their **overrides)
+        # and run; behind it, fire shows the command's help. With no command named: the listing.
+        path = _command_path(argv)
+        argv = path + ["--", "--help"] if path else []
+    if not argv:
+        print(usage())
+        return
     try:
-        fire.Fire(Commands, command=argv, name="python -m sppnet_monai")
+        fire.Fire(Commands(), command=argv, name=PROG)
     except Exception as err:  # MONAI's config parser wraps the user's error in its own
         cause = user_error(err)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        for line in str(cause).splitlines():  # one line; ImagesFailed: one for each image
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(cause.exit_status)

@@ -59,6 +59,24 @@ def find_images(inputs: str | Sequence[str]) -> list[str]:
     return found
 
 
+class ImagesFailed(SPPNetError):
+    """Images of a ``predict`` run that could not be processed: one line each, with its reason.
+
+    ``exit_status`` is 1 when the other images were processed (their outputs are written), 2 when none was.
+    """
+
+    def __init__(self, failed: dict[str, str], total: int) -> None:
+        self.failed = dict(failed)
+        self.exit_status = 2 if len(self.failed) >= total else 1
+        # Most reasons (a click outside an image, Pillow's) already name the file: naming it twice reads as noise.
+        lines = [reason if image in reason else f"{image}: {reason}" for image, reason in self.failed.items()]
+        if total > 1:
+            lines.append(
+                f"no image could be processed ({total} failed)." if self.exit_status == 2 else f"{len(self.failed)} of {total} images failed."
+            )
+        super().__init__("\n".join(lines))
+
+
 # How far (pixels) a click may lie from the piece of the click head's mask it picks: the 5x5 neighbourhood
 # of center-neighbourhood sampling and a rim of a few pixels.
 CLICK_REACH = 4
@@ -341,7 +359,8 @@ def run_predict(
     tile_size: int | None = None,
     **overrides,
 ) -> dict:
-    """Predict every image of ``inputs``; an image that fails is reported and the others go on.
+    """Predict every image of ``inputs``; an image that fails is reported in the summary's ``failed`` and the others go on
+    (:class:`ImagesFailed` when none is left).
 
     Whole-slide images (and any image given ``region`` or ``level``) go tile by tile through
     :mod:`sppnet_monai.slide_inference` into ``geojson`` (GeoJSON + CSV of the nuclei); plain images
@@ -371,7 +390,8 @@ def run_predict(
             if not isinstance(user_error(err) or err, (SPPNetError, OSError)):
                 raise  # a bug, not a bad input
             message = root_message(err)
-            logger.warning("%s: skipped: %s", image, message)
+            # Not a warning: the caller reports the failures (the CLI on stderr, one line each, after the run).
+            logger.info("%s: skipped: %s", image, message)
             summary["failed"][image] = message
             continue
         pixels += result.pop("pixels")
@@ -385,7 +405,7 @@ def run_predict(
     }
     summary = _gather(summary, world)
     if not summary["images"]:
-        raise SPPNetError(f"no image could be processed ({len(summary['failed'])} failed; first: {next(iter(summary['failed'].values()), '')}).")
+        raise ImagesFailed(summary["failed"], len(summary["failed"]))
     logger.info("throughput: %s", summary["throughput"])
     return summary
 

@@ -13,9 +13,19 @@ class SPPNetError(ValueError):
     """An error caused by user input (a file, a value, a checkpoint, a click).
 
     Library code raises it; only the entry points turn it into something else: the CLI and the
-    bundle's run print its message as one line and exit with status 2, the MONAI Label app answers
-    HTTP 400. It is a :class:`ValueError`, so code that validates arguments may raise it directly.
+    bundle's run print its message as one line and exit with status 2 (the CLI: ``exit_status``), the
+    MONAI Label app answers HTTP 400. It is a :class:`ValueError`, so code that validates arguments may
+    raise it directly.
     """
+
+    exit_status: int = 2
+
+
+def without_folders(message: str, path: str | os.PathLike) -> str:
+    """``message`` with ``path``'s folders removed (its file name stays): a server's answer names files, not
+    where the server keeps them."""
+    folder = os.path.dirname(os.fspath(path))
+    return message.replace(folder + os.sep, "") if folder else message
 
 
 def user_error(err: BaseException) -> Optional[SPPNetError]:

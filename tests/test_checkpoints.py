@@ -178,7 +178,7 @@ def test_shape_mismatch_and_llsie_mode_mismatch(tmp_path):
 def test_unreadable_and_missing_files(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(SPPNetError, match=r"garbage\.pt cannot be read"):
+    with pytest.raises(SPPNetError, match=r"garbage\.pt: not a PyTorch checkpoint \(a text file starting 'not a checkpoint'\)\.$"):
         load_checkpoint(SPPNet(image_size=64), garbage)
     with pytest.raises(SPPNetError, match="does not exist"):
         load_checkpoint(SPPNet(image_size=64), tmp_path / "absent.pt")

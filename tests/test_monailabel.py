@@ -193,8 +193,8 @@ def test_memory_is_stable_over_50_clicks(server, workdir):
     assert after - before < 64 * 1024, f"RSS grew from {before} KiB to {after} KiB over 50 clicks"
 
 
-def test_train_runs_the_bundle_training_on_the_datastore_and_the_new_model_is_served(server, workdir):
-    """Last in this module: it replaces the served model."""
+def test_train_runs_the_bundle_training_on_the_datastore_and_the_gate_decides_what_is_served(server, workdir):
+    """Last in this module: it may replace the served model (only if it holds up on the held-back images)."""
     url, proc = server
     model = workdir / "bundle" / "models" / "model.pt"
     before = model.stat().st_mtime_ns
@@ -205,11 +205,17 @@ def test_train_runs_the_bundle_training_on_the_datastore_and_the_new_model_is_se
         json={"max_epochs": 1, "batch_size": 2, "val_interval": 1}, timeout=600,
     )
     assert response.status_code == 200, response.text
-    assert model.stat().st_mtime_ns != before, f"model.pt was not replaced: {response.text[-2000:]}"
+    result = response.json()
+    assert (model.stat().st_mtime_ns != before) == result["served_new_model"], response.text[-2000:]
+    verdict = "serving the new model" if result["served_new_model"] else "keeping the served model"
+    assert result["why"].startswith(verdict) and "held-back dice" in result["why"]
+    new, served = result["held_back"]["new"]["dice"], result["held_back"]["served"]["dice"]
+    assert (new >= served) == result["served_new_model"]
     assert list((workdir / "bundle" / "models" / "monailabel_runs").glob("*/model.pt"))
     datalist = json.loads((workdir / "bundle" / "data" / "monailabel" / "datalist.json").read_text())
     assert len(datalist["training"]) + len(datalist["validation"]) == 8  # the labelled demo images, not the mosaic
     after = _infer(url, "demo_001", {"foreground": [[x, y]]})
     assert after.status_code == 200, after.text
-    assert after.json()["windows"][0]["embedding_cached"] is False  # new weights: embeddings recomputed
+    # New weights: embeddings recomputed; the same weights: the cached embedding answers.
+    assert after.json()["windows"][0]["embedding_cached"] is (not result["served_new_model"])
     assert proc.poll() is None

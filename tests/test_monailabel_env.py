@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv-monailabel"
 APP_TESTS = [
     "tests/test_monailabel.py", "tests/test_monailabel_wsi.py", "tests/test_monailabel_train.py", "tests/test_monailabel_train_params.py",
+    "tests/test_monailabel_loop.py", "tests/test_readme_recipe.py",
 ]
 
 

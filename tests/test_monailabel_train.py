@@ -86,8 +86,10 @@ def test_one_epoch_with_val_interval_4_writes_a_model(server, workdir):
     before = model.stat().st_mtime_ns
     response = _train(url, {"max_epochs": 1, "val_interval": 4, "batch_size": 2})
     assert response.status_code == 200, response.text
-    assert model.stat().st_mtime_ns != before, "models/model.pt was not replaced"
-    assert any("val_interval 4 is more than max_epochs 1" in note for note in response.json()["notes"])
+    result = response.json()
+    assert (workdir / "bundle" / "models" / "monailabel_runs" / result["run_dir"] / "model.pt").is_file()  # a model was written
+    assert (model.stat().st_mtime_ns != before) == result["served_new_model"]
+    assert any("val_interval 4 is more than max_epochs 1" in note for note in result["notes"])
 
 
 def test_sync_training_runs_in_a_child_process_while_the_server_answers_clicks(server, workdir):

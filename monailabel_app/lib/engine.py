@@ -28,19 +28,25 @@ gives the mask ``predict`` and bundle inference give for the same image and clic
   answered from that window; any other tile (no click: QuPath's "segment this rectangle") goes
   through :class:`sppnet_monai.slide_inference.SlideSegmenter`. Nuclei are records with contours
   in level-0 slide pixels, kept by the tile holding their centroid.
+- **Clicks first.** One lock (:class:`ClicksFirst`) guards the model and the caches: a click holds it for its
+  request, region work for one tile of :data:`REGION_STEP` pixels at a time, and a waiting click goes before
+  the next tile. Running regions report their progress (:attr:`ClickSegmenter.regions`) and stop at the next
+  tile after :meth:`ClickSegmenter.cancel_regions`.
 - **Errors.** Bad clicks and unreadable images raise :class:`~sppnet_monai.utils.SPPNetError`
   (:class:`ImageNotFoundError` for a missing image); the infer task answers them with HTTP 400 / 404.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,19 +55,61 @@ from sppnet_monai.clicks import choose_window, click_pixels, first_in_scan_order
 from sppnet_monai.data.instances import relabel_consecutive
 from sppnet_monai.data.slides import Slide
 from sppnet_monai.nuclei import nuclei_records
-from sppnet_monai.slide_inference import SlideSegmenter, level_region
+from sppnet_monai.slide_inference import SlideSegmenter, level_region, tile_grid
 from sppnet_monai.utils import SPPNetError, root_message
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClickSegmenter", "ImageNotFoundError", "choose_window", "parse_clicks", "served_checkpoint"]
+__all__ = ["ClickSegmenter", "ClicksFirst", "ImageNotFoundError", "RegionCancelled", "choose_window", "parse_clicks", "served_checkpoint"]
 
 # Where the app's /train writes the model it then serves, relative to the bundle folder.
 TRAINED_CHECKPOINT = Path("models") / "model.pt"
 
 
+# Tile side (pixels of the level read) of one step of region work between two clicks.
+REGION_STEP = 256
+
+
 class ImageNotFoundError(SPPNetError):
     """The request names an image that does not exist: answered with HTTP 404."""
+
+
+class RegionCancelled(SPPNetError):
+    """A region request stopped by :meth:`ClickSegmenter.cancel_regions`: answered with HTTP 409."""
+
+
+class ClicksFirst:
+    """The engine's lock, taken by clicks ahead of the next step of a region.
+
+    A click holds it for its whole request (one window, ~0.1-0.2 s); a region holds it one tile at a time and,
+    before each tile, waits while a click is waiting, so that a click never waits for more than one tile of
+    a large rectangle or a whole slide. (One lock, not a queue of workers: on 2 cores one model at a time
+    is what runs fastest, and the window caches are the engine's state.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._clicks = threading.Condition()
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def click(self) -> Iterator[None]:
+        with self._clicks:
+            self._waiting += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._clicks:
+                self._waiting -= 1
+                self._clicks.notify_all()
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        with self._clicks:
+            self._clicks.wait_for(lambda: self._waiting == 0)
+        with self._lock:
+            yield
 
 
 def parse_clicks(value: Any, name: str) -> list[list[float]]:
@@ -119,7 +167,11 @@ class ClickSegmenter:
         self._predictor = None
         self._segmenter: SlideSegmenter | None = None  # the predictor's slide path (tile context from the config)
         self._model_stamp: tuple | None = None
-        self._lock = threading.RLock()
+        self._gate = ClicksFirst()
+        self._lock = self._gate._lock  # the state's lock, for the short sections that are neither click nor region step
+        self._cancelled = 0  # cancel_regions() count: a region started before the last cancel stops at its next tile
+        self.regions: dict[int, dict] = {}  # progress of the running region requests, by request number
+        self._region_numbers = iter(range(1, 1 << 62))
 
     # -- model -------------------------------------------------------------------------------
     def _model(self):
@@ -135,7 +187,9 @@ class ClickSegmenter:
         if self._predictor is None or stamp != self._model_stamp:
             logger.info("loading SPPNet from %s", checkpoint)
             self._predictor = Predictor(str(checkpoint), self.config, **self.overrides)
-            self._segmenter = SlideSegmenter(self._predictor, **self._predictor.slide_inference)
+            # Region work goes in steps of REGION_STEP tiles (not the config's 1024), so that a click waits for
+            # one small tile at most; windows lie on one grid per level and are cached, so results hardly change.
+            self._segmenter = SlideSegmenter(self._predictor, **{**self._predictor.slide_inference, "tile_size": REGION_STEP})
             self._model_stamp = stamp
             self._cache.clear()
         return self._predictor
@@ -229,7 +283,7 @@ class ClickSegmenter:
         positive = click_pixels(foreground, width, height, "foreground", f"the {width}x{height} (WxH) image")
         negative = click_pixels(background, width, height, "background", f"the {width}x{height} (WxH) image")
 
-        with self._lock:
+        with self._gate.click():
             predictor = self._model()
             size = predictor.image_size
             stamp = (stat.st_mtime_ns, stat.st_size)
@@ -312,6 +366,7 @@ class ClickSegmenter:
         background: Sequence[Sequence[float]] = (),
         min_area: float = 0.0,
         clicked_only: bool = False,
+        cancel_count: int | None = None,
     ) -> tuple[list[dict], dict]:
         """Nuclei records (level-0 pixels, :func:`sppnet_monai.nuclei.nuclei_records`) whose centroid lies in
         ``region`` ``(x, y, w, h)`` (level-0 pixels; None or zero size: the whole image) read at ``level``, and
@@ -323,11 +378,17 @@ class ClickSegmenter:
         With ``clicked_only`` (the click tool) and a network with a click head, a click's window answers with
         the clicked nuclei alone; otherwise the area's nuclei are corrected by its clicks (a positive click
         outside every nucleus adds the one under it, a negative click on a nucleus removes it).
+        ``cancel_count``: :attr:`cancel_count` when the request that this region is part of began (MONAI Label
+        cuts a rectangle into many regions); a cancel since then stops it (:class:`RegionCancelled`).
         """
+        since = self._cancelled if cancel_count is None else cancel_count
+        if self._cancelled != since:
+            raise RegionCancelled(f"the region request on {Path(image_path).name} was cancelled.")
         path = Path(image_path)
         if not path.is_file():
             raise ImageNotFoundError(f"image {path.name} not found.")
-        with self._lock:
+        # A request with a positive click is a click (served first); any other one is region work.
+        with (self._gate.click() if len(foreground) else self._gate.step()):
             predictor = self._model()
             slide, stamp = self._slide(path)
             region = None if region is None or not all(region[2:]) else tuple(int(v) for v in region)
@@ -339,14 +400,7 @@ class ClickSegmenter:
             size = predictor.image_size
             width, height = slide.size(level)
             window = _covering_window(area, width, height, size) if fg else None
-            if window is None:
-                # MONAI Label cuts a region into tiles of the request's tile_size; a larger area (a direct
-                # request, size 0 for the whole image) still goes tile by tile, in the memory of one tile.
-                tiles = self._segmenter.segment_region(slide, region, level, foreground, background)
-                records = [record for _, _, tile_records in tiles for record in tile_records]
-                records = self._edit_records(records, slide, stamp, level, scale, fg, bg, predictor)
-                info = {"mode": "automatic" if not fg else "tiled", "windows": []}
-            else:
+            if window is not None:
                 x0, y0, w, h = window
                 entry, hit = self._window_entry((*stamp, level, window), window, _slide_reader(slide, level))
                 local = lambda clicks: [[int(x) - x0, int(y) - y0] for x, y in clicks if x0 <= x < x0 + w and y0 <= y < y0 + h]  # noqa: E731
@@ -368,9 +422,66 @@ class ClickSegmenter:
                     "mode": "click",
                     "windows": [{"window": [x0, y0, w, h], "level": level, "embedding_cached": hit, "background_auto": auto}],
                 }
-            records = [r for r in records if r["area"] >= min_area]
-            info.update(encoder_runs=self.encoder_runs, cached_embeddings=len(self._cache), nuclei_count=len(records))
+            else:
+                segmenter = self._segmenter
+        if window is None:
+            # MONAI Label cuts a region into tiles of the request's tile_size; a larger area (a direct
+            # request, size 0 for the whole image) still goes tile by tile, in the memory of one tile, one
+            # tile per step of the gate, on a slide of its own (a click may open another image meanwhile).
+            with Slide(path) as own_slide:
+                tiles = segmenter.segment_region(own_slide, region, level, foreground, background)
+                records = self._region_steps(path.name, tiles, area, segmenter.tile_size, since)
+                with self._gate.step():
+                    records = self._edit_records(records, own_slide, stamp, level, scale, fg, bg, predictor)
+            info = {"mode": "automatic" if not fg else "tiled", "windows": []}
+        records = [r for r in records if r["area"] >= min_area]
+        info.update(encoder_runs=self.encoder_runs, cached_embeddings=len(self._cache), nuclei_count=len(records))
         return records, info
+
+    def _region_steps(self, name: str, tiles: Iterator, area: tuple, tile_size: int, cancelled: int) -> list[dict]:
+        """The nuclei records of ``tiles`` (``SlideSegmenter.segment_region``), one tile per step of the gate:
+        progress in :attr:`regions`, stopped by a :meth:`cancel_regions` after ``cancelled`` (:class:`RegionCancelled`)."""
+        number = next(self._region_numbers)
+        total = len(tile_grid(area, tile_size))
+        progress = self.regions[number] = {"image": name, "area": list(area), "tiles": total, "done": 0, "started": time.time()}
+        records: list[dict] = []
+        try:
+            while True:
+                with self._gate.step():
+                    if self._cancelled != cancelled:
+                        raise RegionCancelled(f"the region request on {name} was cancelled after {progress['done']} of {total} tiles.")
+                    tile = next(tiles, None)
+                if tile is None:
+                    return records
+                records += tile[2]
+                progress["done"] += 1
+                if progress["done"] % 16 == 0:
+                    logger.info("%s: %d of %d tiles, %d nuclei", name, progress["done"], total, len(records))
+        finally:
+            del self.regions[number]
+
+    @property
+    def cancel_count(self) -> int:
+        """How many times :meth:`cancel_regions` was called: a request records it when it begins."""
+        return self._cancelled
+
+    def cancel_regions(self) -> int:
+        """Stop every running region request at its next tile; returns how many regions were running."""
+        self._cancelled += 1
+        return len(self.regions)
+
+    @torch.no_grad()
+    def window_entropy(self, image_path: str | os.PathLike, window: tuple[int, int, int, int]) -> float:
+        """Mean pixel entropy of the served model's nuclei probability on ``window`` ``(x, y, w, h)`` of level 0,
+        automatic prompt (:func:`sppnet_monai.active_learning.mean_entropy`): how unsure the model is there."""
+        from sppnet_monai.active_learning import mean_entropy
+
+        with self._gate.step():
+            predictor = self._model()
+            with Slide(image_path) as slide:
+                rgb = torch.from_numpy(slide.read(*window)).float()
+            logits = predictor.logits(predictor.prompt({"image": rgb, "foreground": [], "background": []}))
+        return mean_entropy(torch.sigmoid(logits[0]))
 
     def _edit_records(
         self, records: list[dict], slide: Slide, stamp: tuple, level: int, scale: float, fg: list, bg: list, predictor

@@ -13,16 +13,18 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
-from lib.engine import ClickSegmenter, ImageNotFoundError, parse_clicks
+from lib.engine import ClickSegmenter, ImageNotFoundError, RegionCancelled, parse_clicks
 from sppnet_monai.clicks import click_pixels
 from sppnet_monai.nuclei import NUCLEUS_CLASS, nuclei_records
-from sppnet_monai.utils import SPPNetError
+from sppnet_monai.utils import SPPNetError, without_folders
 
 logger = logging.getLogger(__name__)
 
 LABEL_NAMES = {"nuclei": 1}
 # Keys MONAI Label's WSI protocol puts in each tile's request (``create_infer_wsi_tasks``).
 WSI_KEYS = ("location", "size", "tile_size")
+# Request key: the engine's cancel count when a WSI request began (every tile MONAI Label cuts from it carries it).
+CANCEL_COUNT = "sppnet_cancel_count"
 # The 400 for a WSI request that names no slide (checked by the route and again by the app).
 NO_SLIDE = "give the slide: ?image=<datastore id> (or upload it as 'file' to /infer/wsi_v2)."
 
@@ -123,7 +125,7 @@ class SPPNetClickInfer(InferTask):
         start = time.perf_counter()
         image = request.get("image")
         if not isinstance(image, str) or not image or not os.path.isfile(image):
-            raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore.")
+            raise HTTPException(status_code=404, detail=f"image {os.path.basename(str(image or ''))!r} not found in the datastore.")
         try:
             foreground = parse_clicks(request.get("foreground"), "foreground")
             background = parse_clicks(request.get("background"), "background")
@@ -133,8 +135,8 @@ class SPPNetClickInfer(InferTask):
             mask, instances, info = self.segmenter.segment(image, foreground, background, clicked_only=self.nuclick)
         except ImageNotFoundError as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
-        except SPPNetError as err:  # the user's request: answered, never a 500
-            raise HTTPException(status_code=400, detail=str(err)) from err
+        except SPPNetError as err:  # the user's request: answered, never a 500, without the server's folders
+            raise HTTPException(status_code=400, detail=without_folders(str(err), image)) from err
         infer_time = time.perf_counter() - start
 
         array = mask if label_type == "mask" else instances.astype(np.uint16)
@@ -162,7 +164,7 @@ class SPPNetClickInfer(InferTask):
         image = request.get("image")
         try:
             if not isinstance(image, str) or not os.path.isfile(image):
-                raise ImageNotFoundError(f"image {image!r} not found in the datastore.")
+                raise ImageNotFoundError(f"image {os.path.basename(str(image or ''))!r} not found in the datastore.")
             x, y = read_pair(request, "location")
             w, h = read_pair(request, "size")
             records, info = self.segmenter.segment_region(
@@ -173,11 +175,14 @@ class SPPNetClickInfer(InferTask):
                 parse_clicks(request.get("background"), "background"),
                 min_area=float(request.get("min_poly_area") or 0),
                 clicked_only=self.nuclick,
+                cancel_count=request.get(CANCEL_COUNT),
             )
         except ImageNotFoundError as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
+        except RegionCancelled as err:
+            raise HTTPException(status_code=409, detail=str(err)) from err
         except SPPNetError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from err
+            raise HTTPException(status_code=400, detail=without_folders(str(err), str(image))) from err
         infer = time.perf_counter() - start
         label = NUCLEUS_CLASS["name"]
         annotation = {

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.engine import TRAINED_CHECKPOINT, served_checkpoint
@@ -117,19 +117,51 @@ def train_in_subprocess(request: Mapping[str, Any]) -> Dict[str, Any]:
         return json.loads(output.read_text())
 
 
+# The held-back comparison of a new model with the served one: the protocol and the score that decide.
+GATE_PROTOCOL, GATE_SCORE = "automatic", "dice"
+RUN_REQUEST, RUN_RESULT = "request.json", "result.json"
+
+
+def unfinished_run(runs: Path, request: Mapping[str, Any]) -> Path | None:
+    """The latest run folder under ``runs`` started for the same ``request`` and never finished, if any:
+    a training stopped (``DELETE /train``, a server restart) resumes there (:class:`ResumableTrainingState`)."""
+    for run_dir in sorted((d for d in runs.glob("*") if d.is_dir()), reverse=True):
+        if (run_dir / RUN_RESULT).is_file():
+            return None  # the latest run finished: start afresh
+        try:
+            if json.loads((run_dir / RUN_REQUEST).read_text()) == request:
+                return run_dir
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def held_back_gate(new: Mapping[str, float], served: Mapping[str, float]) -> tuple[bool, str]:
+    """Serve the new model only if it scores at least as well as the served one on the held-back labels."""
+    better = new[GATE_SCORE] >= served[GATE_SCORE]
+    verdict = "serving the new model" if better else "keeping the served model"
+    return better, (
+        f"{verdict}: held-back {GATE_SCORE} {new[GATE_SCORE]:.4f} (new) against {served[GATE_SCORE]:.4f} (served), "
+        f"AJI {new['aji']:.4f} against {served['aji']:.4f}"
+    )
+
+
 class SPPNetTrain(TrainTask):
     """Train the served bundle (``bundle_root``) on the images of the datastore that have a final label.
 
-    The datastore's ``(image, labels/final/<id>.png)`` pairs are written as a datalist
-    (``<bundle>/data/monailabel/datalist.json``, 20% of the images, at least one, for validation)
-    and ``configs/train.json`` (plus ``train_configs``, e.g. ``fast_cpu.json``) runs with
-    ``dataset_dir`` set to it, through :class:`monai.bundle.ConfigWorkflow`. A label may be a binary
-    mask (nuclei are then its connected components) or an instance map.
+    The datastore's final labels (QuPath's ASAP XML of a patch or of a whole slide, DSA JSON, PNG masks)
+    become a prepared dataset in ``<bundle>/data/monailabel/`` through the project's one label rule
+    (:func:`sppnet_monai.data.prepare.prepare_labelled`; 20% of the images, at least one, held back for
+    validation), and ``configs/train.json`` (plus ``train_configs``, e.g. ``fast_cpu.json``) runs on it
+    through :class:`monai.bundle.ConfigWorkflow`, in bf16 on a CPU with bf16 units as every training.
 
-    Each run writes its checkpoints in a fresh ``models/monailabel_runs/<time>/`` (so the bundle's
-    resumable state of another dataset does not stop it) and, with ``finetune`` (default), starts from
-    the served model (``models/model.pt``, else the shipped ``weights/sppnet_monuseg.pt``). The run's best model then replaces
-    ``models/model.pt`` atomically; the infer task reloads it at its next request.
+    Each run writes its checkpoints in ``models/monailabel_runs/<time>/``; a run that did not finish
+    (``DELETE /train``, a server restart) resumes from its last epoch when ``/train`` is asked again with the
+    same parameters and labels. With ``finetune`` (default) it starts from the served model
+    (``models/model.pt``, else the shipped ``weights/sppnet_monuseg.pt``). At the end the run's best model
+    and the served one are scored on the held-back images (:data:`GATE_PROTOCOL` protocol); the new one
+    replaces ``models/model.pt`` atomically only if its :data:`GATE_SCORE` is at least the served model's,
+    and the result says which and why. The infer task reloads the model at its next request.
     """
 
     def __init__(self, bundle_dir: str, train_configs: list[str], defaults: Dict[str, Any]):
@@ -153,39 +185,73 @@ class SPPNetTrain(TrainTask):
         configs = self.bundle_dir / "configs"
         return [str(configs / "train.json")] + [str(configs / name) for name in self.train_configs]
 
+    def prepare(self, datastore: Datastore) -> tuple[Path, dict]:
+        """The datastore's final labels as a prepared dataset: ``(dataset_dir, prepare summary)``."""
+        from sppnet_monai.data.prepare import prepare_labelled
+
+        final = DefaultLabelTag.FINAL.value
+        pairs = {
+            image: (datastore.get_image_uri(image), datastore.get_label_uri(datastore.get_labels_by_image_id(image)[final], final))
+            for image in datastore.get_labeled_images(final)
+        }
+        dataset_dir = self.bundle_dir / "data" / "monailabel"
+        if dataset_dir.exists():
+            shutil.rmtree(dataset_dir)  # labels may have been replaced or removed since the last run
+        # The split rule of `prepare` (one home): deterministic in the seed, independent of the order.
+        summary = prepare_labelled(pairs, dataset_dir, VAL_FRACTION, SPLIT_SEED, dataset="monailabel") if pairs else None
+        usable = summary["counts"]["training"] + summary["counts"]["validation"] if summary else 0
+        if usable < 2:
+            problems = f" ({'; '.join(summary['warnings'])})" if summary and summary["warnings"] else ""
+            raise ValueError(f"training needs at least 2 images with a usable final label in the datastore, found {usable}{problems}.")
+        # What a stopped run must have trained on to be resumed: the same labels, unchanged since.
+        summary["label_stamps"] = {image: [os.stat(label).st_size, os.stat(label).st_mtime_ns] for image, (_, label) in sorted(pairs.items())}
+        return dataset_dir, summary
+
+    def score(self, checkpoint: Path, dataset_dir: Path, out: Path) -> Dict[str, float]:
+        """Mean scores of ``checkpoint`` on the held-back (validation) images of ``dataset_dir``."""
+        from sppnet_monai.evaluate import run_evaluate
+
+        result = run_evaluate(
+            str(dataset_dir), str(out), checkpoint=str(checkpoint), split="validation", protocol=GATE_PROTOCOL,
+            config=str(self.bundle_dir / "configs" / "inference.json"),
+        )
+        return {key: float(value["mean"]) for key, value in result.items() if isinstance(value, dict) and "mean" in value}
+
     def __call__(self, request: Dict[str, Any], datastore: Datastore):
         from monai.bundle import ConfigWorkflow
 
-        from sppnet_monai.data.datalist import split_train_val, write_datalist
         from sppnet_monai.utils import atomic_path
 
         overrides = train_overrides(request)
         note = validate_by_last_epoch(overrides, self.configured())
+        notes = [note] if note else []
         if note:
             logger.warning(note)
-        pairs = {d["image"]: d["label"] for d in datastore.datalist()}
-        if len(pairs) < 2:
-            raise ValueError(f"training needs at least 2 images with a final label in the datastore, found {len(pairs)}.")
-        # The split rule of `prepare` (one home): deterministic in the seed, independent of the order.
-        training, validation = split_train_val(list(pairs), VAL_FRACTION, SPLIT_SEED)
-        dataset_dir = self.bundle_dir / "data" / "monailabel"
-        dataset_dir.mkdir(parents=True, exist_ok=True)
-        training, validation = ([{"image": image, "label": pairs[image]} for image in split] for split in (training, validation))
-        write_datalist(dataset_dir, "monailabel", "MONAI Label datastore images with a final label", training, validation)
-        num_val = len(validation)
+        dataset_dir, summary = self.prepare(datastore)
+        notes += summary["warnings"]
+        counts = summary["counts"]
 
         models = self.bundle_dir / "models"
-        run_dir = models / "monailabel_runs" / time.strftime("%Y%m%d-%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        served = self.bundle_dir / TRAINED_CHECKPOINT
+        runs = models / "monailabel_runs"
         finetune = str(request.get("finetune", True)).lower() not in ("false", "0", "no")
-        current = served_checkpoint(self.bundle_dir)
-        if finetune and current.is_file():
+        run_request = {"overrides": overrides, "finetune": finetune, "labels": summary["label_stamps"]}
+        run_dir = unfinished_run(runs, run_request) if runs.is_dir() else None
+        resumed = run_dir is not None
+        if resumed:
+            logger.info("resuming the unfinished run %s", run_dir)
+        else:
+            run_dir = runs / time.strftime("%Y%m%d-%H%M%S")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN_REQUEST).write_text(json.dumps(run_request))
+        served = self.bundle_dir / TRAINED_CHECKPOINT
+        start = run_dir / "initial_model.pt"
+        if not start.is_file() and served_checkpoint(self.bundle_dir).is_file():
+            shutil.copy2(served_checkpoint(self.bundle_dir), start)  # what is served now: the gate's reference
+        finetune = finetune and start.is_file()
+        if finetune:
             from sppnet_monai.networks import RECIPE_DEFAULTS
             from sppnet_monai.networks.checkpoints import read_recipe
 
-            start = run_dir / "initial_model.pt"
-            shutil.copy2(current, start)
             # Fine-tuning keeps the served model's settings; a contradicting request fails on loading.
             for key in ("image_size", *RECIPE_DEFAULTS):
                 overrides.setdefault(key, read_recipe(start).get(key, RECIPE_DEFAULTS.get(key)))
@@ -194,7 +260,7 @@ class SPPNetTrain(TrainTask):
         overrides["ckpt_dir"] = str(run_dir)
         configs = self.bundle_dir / "configs"
         config_files = self.config_files()
-        logger.info("training %s on %d images (%d validation); overrides %s", config_files, len(pairs), num_val, overrides)
+        logger.info("training %s on %s images; overrides %s", config_files, counts, overrides)
         workflow = ConfigWorkflow(
             config_file=config_files,
             meta_file=str(configs / "metadata.json"),
@@ -209,8 +275,23 @@ class SPPNetTrain(TrainTask):
         workflow.finalize()
         best = run_dir / "model.pt"
         if not best.is_file():
-            raise RuntimeError(f"training wrote no {best}")
-        with atomic_path(served) as tmp:
-            shutil.copy2(best, tmp)
-        logger.info("new model %s -> %s", best, served)
-        return {"model": str(served), "run_dir": str(run_dir), "finetuned": "network" in overrides, "images": len(pairs), "validation": num_val, "notes": [note] if note else []}
+            raise RuntimeError(f"training wrote no model in its run folder {run_dir.name}")
+        new_scores = self.score(best, dataset_dir, run_dir / "held_back_new")
+        if start.is_file():
+            served_scores = self.score(start, dataset_dir, run_dir / "held_back_served")
+            serve_new, why = held_back_gate(new_scores, served_scores)
+        else:
+            served_scores, serve_new = None, True
+            why = f"serving the new model: no model was served; held-back {GATE_SCORE} {new_scores[GATE_SCORE]:.4f}"
+        logger.info(why)
+        if serve_new:
+            with atomic_path(served) as tmp:
+                shutil.copy2(best, tmp)
+        result = {
+            "model": str(served.relative_to(self.bundle_dir)), "served_new_model": serve_new, "why": why,
+            "held_back": {"new": new_scores, "served": served_scores}, "run_dir": run_dir.name, "resumed": resumed,
+            "finetuned": finetune, "images": counts["training"] + counts["validation"], "validation": counts["validation"],
+            "notes": notes,
+        }
+        (run_dir / RUN_RESULT).write_text(json.dumps(result))
+        return result

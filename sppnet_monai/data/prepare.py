@@ -1,4 +1,4 @@
-"""The three ways to make a prepared dataset: MoNuSeg, a generic folder, the synthetic demo.
+"""The ways to make a prepared dataset: MoNuSeg, a generic folder, labelled images (MONAI Label), the synthetic demo.
 
 Each writes ``DST/images/<name>.png`` ((H, W, 3) uint8 RGB), ``DST/labels/<name>.png``
 ((H, W) uint16 instance map, 0 = background), ``DST/datalist.json`` (see
@@ -32,12 +32,13 @@ from sppnet_monai.data.datalist import (
     split_train_val,
     write_datalist,
 )
-from sppnet_monai.data.image_io import read_mask, read_rgb, write_json, write_png
+from sppnet_monai.data.image_io import read_rgb, write_json, write_png
+from sppnet_monai.data.labels import POLYGON_SUFFIXES, label_instances, polygon_instances, read_polygon_label
 from sppnet_monai.data.monuseg import MonusegLayout, RasterStats, find_layout, parse_annotation_xml, rasterise_regions
 from sppnet_monai.data.synthetic import synthesize_sample, touching_pairs
 from sppnet_monai.utils import SPPNetError
 
-__all__ = ["SUMMARY_NAME", "prepare_demo", "prepare_folder", "prepare_monuseg"]
+__all__ = ["SUMMARY_NAME", "labelled_sample", "prepare_demo", "prepare_folder", "prepare_labelled", "prepare_monuseg"]
 
 logger = logging.getLogger("sppnet_monai.data")
 
@@ -76,16 +77,9 @@ Loader = Callable[[Report], Sample]
 
 
 def _sample_from_mask(mask_path: Path, image: np.ndarray) -> Sample:
-    """Labels from a mask file: binary -> connected components, else an instance map."""
-    mask = read_mask(mask_path)
-    if mask.shape[:2] != image.shape[:2]:
-        raise SPPNetError(
-            f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is {image.shape[0]}x{image.shape[1]}"
-        )
-    try:
-        labels, how = inst.instances_from_mask(mask)
-    except ValueError as err:
-        raise SPPNetError(f"{mask_path}: {err}") from err
+    """Labels from a mask file: binary -> connected components, else an instance map (the one mask rule,
+    :func:`~sppnet_monai.data.labels.label_instances`)."""
+    labels, how = label_instances(mask_path, image.shape[:2], str(mask_path))
     return Sample(image, labels, how, str(mask_path))
 
 
@@ -339,6 +333,76 @@ def prepare_folder(src: str | os.PathLike, dst: str | os.PathLike, val_fraction:
         seed,
         report,
         src=str(src),
+    )
+
+
+# --------------------------------------------------------------------------- labelled images (MONAI Label)
+
+# Context kept around the outlines of a whole-slide label when its area is cut out of the slide.
+SLIDE_LABEL_MARGIN = 32
+# Largest area cut out of a slide for one whole-slide label: a label spread wider is refused (submit patches).
+MAX_SLIDE_LABEL_SIDE = 8192
+
+
+def labelled_sample(image_path: str | os.PathLike, label_path: str | os.PathLike, name: str) -> Sample:
+    """The training sample of an image and its label file (:mod:`sppnet_monai.data.labels`).
+
+    A plain image is taken whole. A whole-slide label (outlines in slide pixels, e.g. QuPath's *Submit
+    Label* for the WSI) is cut out of the slide's level 0: the outlines' bounding box plus
+    :data:`SLIDE_LABEL_MARGIN`, so that training does not read unlabelled tissue as background.
+    ``name`` names the sample in messages (a datastore id, never a server path).
+
+    Raises:
+        SPPNetError: the image cannot be read, or :class:`~sppnet_monai.data.labels.LabelError`.
+    """
+    from sppnet_monai.data.slides import Slide
+
+    image_path, label_path = Path(image_path), Path(label_path)
+    try:
+        slide = Slide(image_path)
+    except SPPNetError as err:
+        raise SPPNetError(f"{name}: the image cannot be read ({str(err).replace(str(image_path), 'image')})") from None
+    with slide:
+        if slide.is_slide and label_path.suffix.lower() not in POLYGON_SUFFIXES:
+            raise SPPNetError(f"{name}: a slide's label must be outlines (ASAP XML or DSA JSON), or submit patches; got a mask")
+        if not slide.is_slide:
+            image = np.ascontiguousarray(slide.read(0, 0, *slide.size()).transpose(1, 2, 0))
+            labels, how = label_instances(label_path, image.shape[:2], name)
+            return Sample(image, labels, how, name)
+        outlines = read_polygon_label(label_path, name)
+        width, height = slide.size()
+        x0, y0, w, h = outlines.box(SLIDE_LABEL_MARGIN, (width, height))
+        if w <= 0 or h <= 0:
+            raise SPPNetError(f"{name}: the outlines (box {outlines.box()}) lie outside the {width}x{height} slide")
+        if max(w, h) > MAX_SLIDE_LABEL_SIDE:
+            raise SPPNetError(f"{name}: the outlines spread over {w}x{h} slide pixels, more than {MAX_SLIDE_LABEL_SIDE}; submit them as patches")
+        image = slide.read(x0, y0, w, h).transpose(1, 2, 0)
+    labels = polygon_instances(outlines.shifted(y0, x0), image.shape[:2], name)
+    return Sample(np.ascontiguousarray(image), labels, inst.FROM_XML, name, {"slide_region": [x0, y0, w, h]})
+
+
+def prepare_labelled(
+    pairs: dict[str, tuple[str, str]], dst: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, dataset: str = "labelled"
+) -> dict:
+    """Prepare ``{name: (image path, label path)}`` pairs, e.g. a MONAI Label datastore's final labels.
+
+    Labels may be ASAP XML (QuPath), DSA JSON or masks (:func:`labelled_sample`); an unusable pair is a
+    warning naming it, as in the other preparations.
+    """
+    check_split_args(val_fraction, seed)
+    dst = Path(dst)
+    report = Report()
+
+    def loader(name: str, image: str, label: str) -> Loader:
+        return lambda report: labelled_sample(image, label, name)
+
+    loaders = {name: loader(name, *pairs[name]) for name in sorted(pairs)}
+    written = _prepare_samples(loaders, dst, report, desc="labelled")
+    if not written:  # the reasons, not the destination folder: a server answers with this message
+        raise SPPNetError(f"no usable label ({'; '.join(report.warnings) or 'none given'})")
+    return _finish(
+        dataset, "Images with a final label, prepared by sppnet_monai: labels are uint16 instance maps, 0 = background.",
+        dst, written, val_fraction, seed, report,
     )
 
 

@@ -211,8 +211,18 @@ def write_nuclei_slide(
     path, width: int, height: int, centres: np.ndarray, radius: float = 8.0, levels: int = 3, tile: int = 256,
     mpp: float = 0.25, compression: str = "zlib",
 ) -> None:
-    """A pyramidal tiled TIFF (level ``k`` downsampled ``2**k``, ``tile`` square tiles, ``compression``, pixel size
-    ``mpp`` microns) of :func:`nuclei_slide_tile`, as OpenSlide reads generic tiled TIFFs; written tile by tile."""
+    """A pyramidal tiled TIFF (:func:`write_pyramidal_tiff`) of :func:`nuclei_slide_tile`, written tile by tile."""
+    write_pyramidal_tiff(
+        path, width, height, lambda origin, size: nuclei_slide_tile(origin, size, centres, radius), levels, tile, mpp, compression
+    )
+
+
+def write_pyramidal_tiff(
+    path, width: int, height: int, read_region, levels: int = 3, tile: int = 256, mpp: float = 0.25, compression: str = "zlib"
+) -> None:
+    """A pyramidal tiled TIFF as OpenSlide reads generic tiled TIFFs: level ``k`` downsampled ``2**k``, ``tile``
+    square tiles, ``compression``, pixel size ``mpp`` microns. ``read_region((x, y), (w, h))`` gives the
+    ``(h, w, 3)`` uint8 RGB of level 0 there (it may be asked beyond the border: padding)."""
     import tifffile
 
     def tiles(level: int):
@@ -220,7 +230,7 @@ def write_nuclei_slide(
         lw, lh = -(-width // step), -(-height // step)
         for ty in range(0, lh, tile):
             for tx in range(0, lw, tile):
-                full = nuclei_slide_tile((tx * step, ty * step), (tile * step, tile * step), centres, radius)
+                full = read_region((tx * step, ty * step), (tile * step, tile * step))
                 yield np.ascontiguousarray(full[::step, ::step])
 
     resolution = (1e4 / (mpp), 1e4 / (mpp))  # pixels per centimetre

@@ -66,7 +66,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for unreadable files
-        raise SPPNetError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from err
+        # from None: a traceback would repeat torch's advice to load the file with weights_only=False.
+        raise SPPNetError(f"{path}: not a PyTorch checkpoint ({_unreadable_reason(path, err)}).") from None
     for wrapper in ("network", "model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -76,6 +77,46 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         raise SPPNetError(f"checkpoint {path} holds no state dict of tensors.")
     # DataParallel / DistributedDataParallel save their module under "module.".
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+# How torch.save's files begin: a zip archive (PyTorch >= 1.6), or a pickle of protocol 2 or later (older ones).
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _unreadable_reason(path: str, err: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, one short line.
+
+    A file that does not even begin like a checkpoint is described (empty, a Git LFS pointer, text); for the
+    others torch's own reason is kept, without its advice to load with ``weights_only=False``: that runs any
+    code the file holds, and a weights file never needs it.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as os_err:
+        return f"it cannot be read: {os_err.strerror or os_err}"
+    if not head:
+        return "the file is empty"
+    if not head.startswith(_CHECKPOINT_MAGIC):
+        if head.startswith(b"version https://git-lfs"):
+            return "a Git LFS pointer, not the weights: fetch them with 'git lfs pull'"
+        text = head.decode("utf-8", errors="ignore")
+        first = text.strip().split("\n", 1)[0].strip()
+        if first and all(c.isprintable() or c.isspace() for c in text):
+            return f"a text file starting {first[:40]!r}"
+        return f"neither a zip archive nor a pickle; it starts with bytes {head[:4].hex(' ')}"
+    if isinstance(err, EOFError):
+        return "the file ends early: an interrupted download or copy?"
+    message = _ANSI_ESCAPE.sub("", str(err))
+    if "WeightsUnpickler error:" in message:  # the useful part of torch's weights-only advice
+        message = message.split("WeightsUnpickler error:", 1)[1].split(" Please use ", 1)[0]
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    # The first sentence, past the C++ location of torch's zip reader ("[enforce fail at inline_container.cc:180] . ").
+    first = re.split(r"(?<=\.)\s", re.sub(r"^\[enforce fail at [^\]]*\]\s*\.\s*", "", lines[0]), maxsplit=1)[0]
+    return f"{type(err).__name__}: {first.rstrip('.')}"
 
 
 def read_recipe(path: str | os.PathLike) -> Dict[str, object]:
