@@ -121,9 +121,11 @@ class Slide:
         return np.ascontiguousarray(data[:3], dtype=np.uint8)
 
     def close(self) -> None:
+        """Release the file and the pixels; the geometry (levels, sizes, ``check_*``) stays usable."""
         if self._wsi is not None:
             self._wsi.close()
             self._wsi = None
+        self._pixels = None
 
     def __enter__(self) -> "Slide":
         return self
