@@ -32,7 +32,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib import routes
 from lib.activelearning import NextPatch
 from lib.engine import ClickSegmenter
-from lib.infer import CANCEL_COUNT, NO_SLIDE, SPPNetClickInfer, check_wsi_request
+from lib.infer import CANCEL_COUNT, NO_SLIDE, WSI_TILING, SPPNetClickInfer, check_wsi_request, read_pair
 from lib.train import SPPNetTrain, train_in_subprocess
 from sppnet_monai.utils import SPPNetError, without_folders
 
@@ -118,8 +118,9 @@ class SPPNetApp(MONAILabelApp):
 
         MONAI Label splits the region into tiles and calls the infer task per tile; here the request is
         validated once (4xx with the reason), CPU-only machines are served (MONAI Label otherwise picks a
-        CUDA device that does not exist), and a plain image (which MONAI Label hands to ``infer`` whole)
-        still gets the ASAP XML / DSA JSON the plugins parse.
+        CUDA device that does not exist), and a request of one tile (the click tool's) or on a plain image (which
+        MONAI Label hands to ``infer`` whole) is answered by the infer task directly, with the ASAP XML / DSA JSON
+        the plugins parse.
         """
         import torch
         from monailabel.utils.others.generic import is_openslide_supported
@@ -139,7 +140,10 @@ class SPPNetApp(MONAILabelApp):
         if not torch.cuda.is_available():
             request.update(multi_gpu=False, device="cpu")
         request[CANCEL_COUNT] = self.segmenter.cancel_count  # DELETE /infer/regions stops all its tiles
-        if is_openslide_supported(path):
+        # One tile (a click tool request): answered here, without MONAI Label's tiling, which opens the slide
+        # again; several tiles go through MONAI Label. A plain image is one tile whatever its size.
+        (_, _), (w, h), (tile_w, tile_h) = (read_pair(request, key, default) for key, default in WSI_TILING)
+        if is_openslide_supported(path) and not (w and h and w <= tile_w and h <= tile_h):
             return super().infer_wsi(request, datastore)
         tile = self.infer({**request, "image": path, "result_write_to_file": False}, datastore)["params"]
         result = {

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 LABEL_NAMES = {"nuclei": 1}
 # Keys MONAI Label's WSI protocol puts in each tile's request (``create_infer_wsi_tasks``).
 WSI_KEYS = ("location", "size", "tile_size")
+# A WSI request's region and tiling keys with MONAI Label's defaults (``create_infer_wsi_tasks``).
+WSI_TILING = (("location", (0, 0)), ("size", (0, 0)), ("tile_size", (2048, 2048)))
 # Request key: the engine's cancel count when a WSI request began (every tile MONAI Label cuts from it carries it).
 CANCEL_COUNT = "sppnet_cancel_count"
 # The 400 for a WSI request that names no slide (checked by the route and again by the app).
