@@ -32,7 +32,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib import routes
 from lib.activelearning import NextPatch
 from lib.engine import ClickSegmenter
-from lib.infer import CANCEL_COUNT, NO_SLIDE, WSI_TILING, SPPNetClickInfer, check_wsi_request, read_pair
+from lib.infer import CANCEL_COUNT, NO_SLIDE, SPPNetClickInfer, check_wsi_request
 from lib.train import SPPNetTrain, train_in_subprocess
 from sppnet_monai.utils import SPPNetError, without_folders
 
@@ -134,7 +134,7 @@ class SPPNetApp(MONAILabelApp):
             raise HTTPException(status_code=400, detail=NO_SLIDE)
         path = self._image_path(image, datastore)
         try:
-            check_wsi_request(request, path)
+            (_, _, w, h), (tile_w, tile_h) = check_wsi_request(request, path)
         except SPPNetError as err:
             raise HTTPException(status_code=400, detail=without_folders(str(err), path)) from err
         if not torch.cuda.is_available():
@@ -142,7 +142,6 @@ class SPPNetApp(MONAILabelApp):
         request[CANCEL_COUNT] = self.segmenter.cancel_count  # DELETE /infer/regions stops all its tiles
         # One tile (a click tool request): answered here, without MONAI Label's tiling, which opens the slide
         # again; several tiles go through MONAI Label. A plain image is one tile whatever its size.
-        (_, _), (w, h), (tile_w, tile_h) = (read_pair(request, key, default) for key, default in WSI_TILING)
         if is_openslide_supported(path) and not (w and h and w <= tile_w and h <= tile_h):
             return super().infer_wsi(request, datastore)
         tile = self.infer({**request, "image": path, "result_write_to_file": False}, datastore)["params"]

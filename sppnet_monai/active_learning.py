@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from sppnet_monai.transforms.stain import stained_pixels
+
 __all__ = [
     "MAX_LABELLED_OVERLAP",
     "MIN_TISSUE",
@@ -32,19 +34,18 @@ __all__ = [
 Box = tuple[int, int, int, int]  # (x, y, width, height) in level-0 pixels
 
 # Optical density above which a pixel absorbs light (tissue); glass and background transmit nearly all of it.
+# The threshold of inference.json's min_stain_density, the windows of glass that slides skip.
 TISSUE_OPTICAL_DENSITY = 0.15
 MIN_TISSUE = 0.5
 MAX_LABELLED_OVERLAP = 0.1
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` or ``(3, H, W)`` uint8 RGB -> ``(H, W)`` bool: pixels whose largest optical density
-    (Beer-Lambert, ``-log10(I / 255)``) exceeds :data:`TISSUE_OPTICAL_DENSITY`; glass is near 0."""
+    """``(H, W, 3)`` or ``(3, H, W)`` uint8 RGB -> ``(H, W)`` bool: the stained pixels
+    (:func:`sppnet_monai.transforms.stain.stained_pixels` at :data:`TISSUE_OPTICAL_DENSITY`)."""
     rgb = np.asarray(rgb)
-    if rgb.ndim == 3 and rgb.shape[0] == 3 and rgb.shape[-1] != 3:
-        rgb = np.moveaxis(rgb, 0, -1)
-    density = -np.log10(np.maximum(rgb[..., :3].astype(np.float32), 1.0) / 255.0)
-    return density.max(axis=-1) > TISSUE_OPTICAL_DENSITY
+    channels_first = rgb.ndim == 3 and rgb.shape[0] == 3 and rgb.shape[-1] != 3
+    return stained_pixels(rgb[:3] if channels_first else rgb[..., :3], TISSUE_OPTICAL_DENSITY, channel_dim=0 if channels_first else -1)
 
 
 def overlap_fraction(cell: Box, box: Box) -> float:

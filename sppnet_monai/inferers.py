@@ -17,6 +17,7 @@ from monai.utils import ensure_tuple_rep
 from sppnet_monai.networks.sppnet import SPPNet, denormalize_rgb
 from sppnet_monai.precision import autocast
 from sppnet_monai.transforms import choose_clicks
+from sppnet_monai.transforms.stain import stained_pixels
 from sppnet_monai.utils import SPPNetError
 
 __all__ = ["GLASS_LOGIT", "CPUAutocastInferer", "PromptedSlidingWindowInferer", "WindowLogitCache", "window_grid"]
@@ -110,9 +111,7 @@ class PromptedSlidingWindowInferer(SlidingWindowInferer):
 
     def stained_windows(self, rgb: torch.Tensor) -> torch.Tensor:
         """``(B,)`` bool: which SAM-normalised ``(B, 3, h, w)`` windows hold stain (see the class)."""
-        # I < 255 * 10**-d  <=>  -log10(I / 255) > d, in any channel.
-        darkest = denormalize_rgb(rgb.float()).amin(dim=1)  # (B, h, w)
-        dense = darkest < 255.0 * 10.0 ** (-self.min_stain_density)
+        dense = stained_pixels(denormalize_rgb(rgb.float()), self.min_stain_density, channel_dim=1)  # (B, h, w)
         return dense.flatten(1).sum(dim=1) >= self.min_stain_pixels
 
     @staticmethod

@@ -39,6 +39,7 @@ gives the mask ``predict`` and bundle inference give for the same image and clic
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -171,7 +172,7 @@ class ClickSegmenter:
         self._lock = self._gate._lock  # the state's lock, for the short sections that are neither click nor region step
         self._cancelled = 0  # cancel_regions() count: a region started before the last cancel stops at its next tile
         self.regions: dict[int, dict] = {}  # progress of the running region requests, by request number
-        self._region_numbers = iter(range(1, 1 << 62))
+        self._region_numbers = itertools.count(1)
 
     # -- model -------------------------------------------------------------------------------
     def _model(self):
@@ -478,8 +479,8 @@ class ClickSegmenter:
 
         with self._gate.step():
             predictor = self._model()
-            with Slide(image_path) as slide:
-                rgb = torch.from_numpy(slide.read(*window)).float()
+            slide, _ = self._slide(Path(image_path))  # kept open: the strategy scores several windows of one image
+            rgb = torch.from_numpy(slide.read(*window)).float()
             logits = predictor.logits(predictor.prompt({"image": rgb, "foreground": [], "background": []}))
         return mean_entropy(torch.sigmoid(logits[0]))
 

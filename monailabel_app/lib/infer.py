@@ -67,14 +67,16 @@ def slide_geometry(path: str, stamp: tuple[int, int]):
     return slide
 
 
-def check_wsi_request(request: Dict[str, Any], path: str) -> None:
-    """Raise :class:`SPPNetError` with the reason when a WSI request cannot be served: a slide that cannot be
-    read, a level it does not have, a region outside it, a tile_size out of range, a click outside the region."""
+def check_wsi_request(request: Dict[str, Any], path: str) -> tuple[list[int], list[int]]:
+    """The region ``[x, y, w, h]`` (a zero size: the whole slide) and ``tile_size`` ``[w, h]`` of a WSI request
+    (MONAI Label's defaults, :data:`WSI_TILING`). Raise :class:`SPPNetError` with the reason when it cannot be
+    served: a slide that cannot be read, a level it does not have, a region outside it, a tile_size out of
+    range, a click outside the region."""
     from sppnet_monai.slide_inference import check_tile_size
 
     level = read_level(request)
-    (x, y), (w, h) = read_pair(request, "location"), read_pair(request, "size")
-    for side in read_pair(request, "tile_size", (1024, 1024)):
+    (x, y), (w, h), tile_size = (read_pair(request, key, default) for key, default in WSI_TILING)
+    for side in tile_size:
         check_tile_size(side)
     stat = os.stat(path)
     slide = slide_geometry(path, (stat.st_mtime_ns, stat.st_size))
@@ -83,6 +85,7 @@ def check_wsi_request(request: Dict[str, Any], path: str) -> None:
     slide.check_region(region)
     for name in ("foreground", "background"):
         click_pixels(parse_clicks(request.get(name), name), region[2], region[3], name, "the region", origin=region[:2])
+    return [x, y, w, h], tile_size
 
 
 class SPPNetClickInfer(InferTask):

@@ -16,7 +16,15 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 from skimage.color import hed_from_rgb, rgb_from_hed
 
-__all__ = ["RandHEDJitter", "RandHEDJitterd"]
+__all__ = ["RandHEDJitter", "RandHEDJitterd", "stained_pixels"]
+
+
+def stained_pixels(rgb: NdarrayOrTensor, min_density: float, channel_dim: int) -> NdarrayOrTensor:
+    """Which pixels of an RGB image (0-255) absorb light: optical density ``-log10(I / 255)`` above ``min_density``
+    in some channel (Beer-Lambert; glass is near 0). ``channel_dim``: the RGB axis, dropped in the result."""
+    # I < 255 * 10**-d  <=>  -log10(I / 255) > d, in the darkest channel.
+    darkest = rgb.amin(dim=channel_dim) if hasattr(rgb, "amin") else np.min(rgb, axis=channel_dim)
+    return darkest < 255.0 * 10.0 ** (-min_density)
 
 
 class RandHEDJitter(RandomizableTransform):
