@@ -149,10 +149,10 @@ def run_benchmark(
 
 
 def _precision_figures(crop: int, batch: int, repeats: int, warmup: int) -> dict:
-    """The native-resolution network (``mask_stride`` 1, both heads) at ``crop`` in float32 and under bfloat16
-    autocast (the bundles' ``cpu_bf16``): per window, per extra click and per training step; bf16 only where
-    the CPU has bfloat16 units."""
-    native = {"mask_stride": 1, "instance_head": "distance", "click_head": True}
+    """The native-resolution network (``native_cpu.json``: ``mask_stride`` 1, 2 residual units, both heads) at
+    ``crop`` in float32 and under bfloat16 autocast (the bundles' ``cpu_bf16``): per window, per extra click
+    and per training step; bf16 only where the CPU has bfloat16 units."""
+    native = {"mask_stride": 1, "residual_units": 2, "instance_head": "distance", "click_head": True}
     figures: dict = {"cpu_has_bf16": cpu_has_bf16(), "network": {"image_size": crop, **native}}
     for name, bf16 in (("float32", False), ("bfloat16", True)):
         if bf16 and not cpu_has_bf16():

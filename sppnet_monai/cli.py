@@ -55,14 +55,28 @@ class Commands:
         self.prepare = Prepare()
 
     def info(
-        self, image_size: int = 1024, fusion: str = "add", mask_stride: int = 4, instance_head: str | None = None, click_head: bool = False
+        self,
+        image_size: int = 1024,
+        fusion: str = "add",
+        mask_stride: int = 4,
+        instance_head: str | None = None,
+        click_head: bool = False,
+        residual_units: int = 0,
     ) -> None:
         """Print parameter count and multiply-accumulates (GMACs) of SPPNet at ``image_size`` as JSON
-        (``--mask_stride 1`` for the native-resolution decoder; the heads add no weights but a product each)."""
+        (``--mask_stride 1`` for the native-resolution decoder, ``--residual_units 2`` to deepen its pyramid;
+        the heads add no weights but a product each)."""
         from sppnet_monai.networks.complexity import network_info
         from sppnet_monai.networks.sppnet import SPPNet
 
-        net = SPPNet(image_size=image_size, fusion=fusion, mask_stride=mask_stride, instance_head=instance_head, click_head=click_head)
+        net = SPPNet(
+            image_size=image_size,
+            fusion=fusion,
+            mask_stride=mask_stride,
+            instance_head=instance_head,
+            click_head=click_head,
+            residual_units=residual_units,
+        )
         _report(network_info(net, image_size=image_size))
 
     def benchmark(

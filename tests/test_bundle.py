@@ -96,7 +96,7 @@ def test_cpu_recipe_trains_an_instance_head(dataset, tmp_path):
 
 
 def test_shipped_recipe_trains_the_native_network_with_both_heads(dataset, tmp_path):
-    """cpu_recipe.json + native_cpu.json (the shipped model's recipe), one tiny epoch: the recipe lands in the checkpoint."""
+    """cpu_recipe.json + native_cpu.json (the native recipe), one tiny epoch: the recipe lands in the checkpoint."""
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json"), str(CONFIGS / "native_cpu.json")],
         meta_file=META, logging_file=LOGGING, workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(dataset),
@@ -105,7 +105,7 @@ def test_shipped_recipe_trains_the_native_network_with_both_heads(dataset, tmp_p
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    net = SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True)
+    net = SPPNet(image_size=64, mask_stride=1, residual_units=2, instance_head="distance", click_head=True)
     assert load_checkpoint(net, tmp_path / "models" / "model.pt") == "sppnet"
     assert net(torch.zeros(1, 5, 64, 64)).shape == (1, 3, 64, 64)
 
@@ -228,6 +228,20 @@ def test_resume_refuses_another_recipe(trained, dataset, tmp_path):
         bundle_root=str(tmp_path), dataset_dir=str(dataset), fusion="concat", **TINY,
     )
     assert "another training recipe (fusion 'add' -> 'concat')" in _one_line_error(workflow)
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed(trained, dataset, tmp_path):
+    """A run saved before residual_units had them at 0: resuming it with units is another recipe, said in one line."""
+    (tmp_path / "models").mkdir()
+    for path in (trained / "models").glob("checkpoint_epoch=*.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state["recipe"].pop("residual_units")
+        torch.save(state, tmp_path / "models" / path.name)
+    workflow = ConfigWorkflow(
+        config_file=TRAIN, meta_file=META, logging_file=LOGGING, workflow_type="train",
+        bundle_root=str(tmp_path), dataset_dir=str(dataset), mask_stride=1, residual_units=2, **TINY,
+    )
+    assert "residual_units '0' -> '2'" in _one_line_error(workflow)
 
 
 def test_validation_clicks_are_redrawn_identically_each_run():
@@ -440,4 +454,6 @@ def test_reuse_freed_memory_stops_page_faults_on_large_tensors():
         pytest.skip("the C library is not glibc or refuses the setting")
     page_faults_of_large_tensors()  # grows the heap once
     pages = 3 * 64 * 2**20 // resource.getpagesize()
-    assert page_faults_of_large_tensors() < pages // 100  # by default every block faults in afresh: ~all pages
+    # By default every block faults in afresh: ~all pages. The fewest of three tries, since the count is the whole
+    # process's and another thread (a data loader's, left by an earlier test) may fault at the same time.
+    assert min(page_faults_of_large_tensors() for _ in range(3)) < pages // 100

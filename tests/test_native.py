@@ -35,6 +35,69 @@ def test_native_output_shape_and_gradient(mask_stride):
     assert net.llsie.llsie.head[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mask_stride", [1, 2])
+def test_residual_units_deepen_every_scale_but_the_finest(mask_stride):
+    """residual_units add MONAI residual units at the coarser scales; they learn, and the masks keep their shape."""
+    plain = SPPNet(image_size=64, mask_stride=mask_stride, click_head=True)
+    deep = SPPNet(image_size=64, mask_stride=mask_stride, click_head=True, residual_units=2)
+    assert deep.recipe["residual_units"] == 2 and plain.recipe["residual_units"] == 0
+    plain_state, deep_state = plain.state_dict(), deep.state_dict()
+    assert all(deep_state[key].shape == value.shape for key, value in plain_state.items() if key != "_extra_state")  # kept
+    assert all(".units." in key for key in set(deep_state) - set(plain_state))
+    assert not any(".units." in key for key in plain_state)  # a plain network's keys are those of older checkpoints
+    # Units at every level coarser than the masks and after every upscaling stage but the last, none at the masks' scale.
+    assert isinstance(deep.llsie.units[0], torch.nn.Identity)
+    assert not any(isinstance(level, torch.nn.Identity) for level in deep.llsie.units[1:])
+    stages = deep.mask_decoder.upscaling_stages
+    assert stages[-1].units is None and all(stage.units is not None for stage in stages[:-1])
+    new_parameters = sum(p.numel() for name, p in deep.named_parameters() if ".units." in name)
+    assert new_parameters == {1: 111_744, 2: 37_248}[mask_stride]
+    out = deep(_image(2, 64))
+    assert out.shape == (2, 2, 64, 64)
+    out[:, 0].mean().backward()
+    # Weights only: a convolution's bias before batch norm has no gradient to speak of.
+    weights = [p for name, p in deep.named_parameters() if ".units." in name and name.endswith("weight")]
+    assert weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+
+
+def test_residual_units_need_the_pyramid():
+    with pytest.raises(ValueError, match="residual_units"):
+        SPPNet(image_size=64, residual_units=1)  # SAM's 1/4 decoder has no pyramid to deepen
+    with pytest.raises(ValueError, match="residual_units"):
+        SPPNet(image_size=64, mask_stride=1, fusion="none", residual_units=1)
+
+
+def test_native_checkpoint_before_residual_units_loads_and_runs_as_before(tmp_path):
+    """A native checkpoint whose recipe predates residual_units is a network without them, for every path that reads it."""
+    from sppnet_monai.workflows import trained_setting
+
+    torch.manual_seed(0)
+    old = SPPNet(image_size=64, mask_stride=1, click_head=True).eval()
+    state = old.state_dict()
+    recipe = dict(state[EXTRA_STATE_KEY]["recipe"])
+    recipe.pop("residual_units")
+    state[EXTRA_STATE_KEY] = {"recipe": recipe}
+    path = tmp_path / "native_0.6.pt"
+    torch.save(state, path)
+    assert trained_setting(str(path), "residual_units", 0) == 0
+    new = SPPNet(image_size=64, mask_stride=1, click_head=True)
+    load_checkpoint(new, path)
+    image = _image(1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(new.eval()(image), old(image))
+    with pytest.raises(ValueError, match="residual_units 0"):  # one line naming the setting, not missing keys
+        load_checkpoint(SPPNet(image_size=64, mask_stride=1, click_head=True, residual_units=2), path)
+
+
+def test_deep_checkpoint_refused_by_plain_network(tmp_path):
+    path = tmp_path / "deep.pt"
+    torch.save(SPPNet(image_size=64, mask_stride=1, residual_units=2).state_dict(), path)
+    with pytest.raises(ValueError, match="residual_units 2"):
+        load_checkpoint(SPPNet(image_size=64, mask_stride=1), path)
+    net = SPPNet(image_size=64, mask_stride=1, residual_units=2)
+    load_checkpoint(net, path)
+
+
 def test_native_decoding_is_finer_than_quarter():
     """A one-pixel-wide stripe in the full-resolution LLSIE input reaches the native logits but is blurred by 4x interpolation."""
     torch.manual_seed(0)
@@ -48,9 +111,10 @@ def test_native_decoding_is_finer_than_quarter():
     assert change[33] > 2 * change[40]  # the stripe's own column moves most
 
 
-def test_eval_paths_agree_with_training_path_native():
+@pytest.mark.parametrize("residual_units", [0, 2])
+def test_eval_paths_agree_with_training_path_native(residual_units):
     """encode + cached decode (eval) gives the training forward's masks."""
-    net = SPPNet(image_size=64, mask_stride=1, click_head=True)
+    net = SPPNet(image_size=64, mask_stride=1, click_head=True, residual_units=residual_units)
     image = _image(1, 64)
     net.train()
     for module in net.modules():  # batch norms in eval, the rest as trained
@@ -64,12 +128,12 @@ def test_eval_paths_agree_with_training_path_native():
 
 
 def test_old_checkpoint_loads_and_runs_as_before(tmp_path):
-    """A checkpoint whose recipe predates mask_stride and click_head loads into the 1/4 network, unchanged."""
+    """A checkpoint whose recipe predates mask_stride, click_head and residual_units loads into the 1/4 network, unchanged."""
     torch.manual_seed(0)
     old = SPPNet(image_size=64).eval()
     state = old.state_dict()
     recipe = dict(state[EXTRA_STATE_KEY]["recipe"])
-    for key in ("mask_stride", "click_head"):
+    for key in ("mask_stride", "click_head", "residual_units"):
         recipe.pop(key)
     state[EXTRA_STATE_KEY] = {"recipe": recipe}
     path = tmp_path / "old.pt"
@@ -169,17 +233,19 @@ def test_loss_learns_the_click_head_on_every_image_and_the_instance_map_where_kn
 
 @pytest.fixture(scope="module")
 def click_head_predictor(tmp_path_factory):
-    """A Predictor of a tiny native network with instance and click heads (random weights)."""
+    """A Predictor of a tiny network of ``native_cpu.json``'s design: native, residual units, instance and click heads (random weights)."""
     from sppnet_monai.predict import Predictor
 
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True).state_dict(), path)
+    net = SPPNet(image_size=64, mask_stride=1, residual_units=2, instance_head="distance", click_head=True)
+    torch.save(net.state_dict(), path)
     return Predictor(str(path))
 
 
 def test_predictor_builds_the_recorded_native_network(click_head_predictor):
     network = click_head_predictor.network
     assert (network.mask_stride, network.click_head, click_head_predictor.clicked_channel) == (1, True, 2)
+    assert network.recipe["residual_units"] == 2
 
 
 def test_clicked_instances_returns_the_clicked_one_of_two_touching_nuclei(click_head_predictor):

@@ -140,12 +140,13 @@ def _saved_recipe(source: Mapping[str, object]) -> Dict[str, object]:
 
 def _check_recipe(net: nn.Module, path: str | os.PathLike, source: Mapping[str, object]) -> None:
     """Refuse a checkpoint whose recipe contradicts how ``net`` was built (a 256 model run at 1024, say)."""
-    from sppnet_monai.networks.sppnet import RECIPE_KEYS
+    from sppnet_monai.networks.sppnet import RECIPE_DEFAULTS, RECIPE_KEYS
 
     saved = _saved_recipe(source)
     built = getattr(net, "recipe", None)
     if not saved or built is None:
         return
+    saved = {**RECIPE_DEFAULTS, **saved}  # a setting added since the checkpoint was saved: it had its default
     differ = [f"{key} {saved[key]!r} (this network: {built[key]!r})" for key in RECIPE_KEYS if key in saved and saved[key] != built[key]]
     if differ:
         raise SPPNetError(

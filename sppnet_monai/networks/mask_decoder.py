@@ -49,7 +49,8 @@ class SPPMaskDecoder(MaskDecoder):
     - ``upscaling_stages`` 2x stages (:class:`~sppnet_monai.networks.native_decoder.UpscalingStage`,
       keys ``upscaling_stages.*``) take the fused embedding on to 8h, 16h: with 2 the masks are at the
       encoder input's own resolution, each stage adding the LLSIE feature of its scale (then
-      ``low_level_features`` is a tuple, finest first, ending with the one at 4h).
+      ``low_level_features`` is a tuple, finest first, ending with the one at 4h), each stage but the
+      last ending with ``residual_units`` of MONAI's residual units.
 
     For many prompts on one image, :meth:`cache_image` does the transformer's per-image work once;
     passed as ``image_cache``, it stands for the image embedding, positional encoding (which may then
@@ -58,7 +59,14 @@ class SPPMaskDecoder(MaskDecoder):
     """
 
     def __init__(
-        self, *, fusion: str = "add", extra_outputs: int = 0, upscaling_stages: int = 0, click_guidance: bool = False, **kwargs
+        self,
+        *,
+        fusion: str = "add",
+        extra_outputs: int = 0,
+        upscaling_stages: int = 0,
+        residual_units: int = 0,
+        click_guidance: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if fusion not in FUSION_MODES:
@@ -72,7 +80,9 @@ class SPPMaskDecoder(MaskDecoder):
             self.fusion_proj = nn.Conv2d(2 * mask_chans, mask_chans, kernel_size=1)
         # Channels at each scale, coarsest (SAM's 1/4 embedding) first, as the LLSIE pyramid gives them.
         chans = pyramid_chans(self.transformer_dim // 8, upscaling_stages + 1)[::-1]
-        self.upscaling_stages = nn.ModuleList(UpscalingStage(chans[k], chans[k + 1]) for k in range(upscaling_stages))
+        self.upscaling_stages = nn.ModuleList(
+            UpscalingStage(chans[k], chans[k + 1], residual_units if k < upscaling_stages - 1 else 0) for k in range(upscaling_stages)
+        )
         # SAM's hypernetworks give each mask token transformer_dim / 8 weights; a narrower full-resolution
         # embedding gets them through one linear map on the token side (cheap: no pixel is touched).
         self.hyper_proj = nn.Linear(chans[0], chans[-1]) if chans[-1] != chans[0] else None

@@ -12,11 +12,19 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+from monai.networks.blocks import ResidualUnit
 from torch import nn
 
 from sppnet_monai.networks.llsie import LLSIE
 
-__all__ = ["FULL_RESOLUTION_CHANS", "LLSIEPyramid", "UpscalingStage", "pyramid_chans", "upscaling_stages_for"]
+__all__ = [
+    "FULL_RESOLUTION_CHANS",
+    "LLSIEPyramid",
+    "UpscalingStage",
+    "pyramid_chans",
+    "residual_stack",
+    "upscaling_stages_for",
+]
 
 
 def upscaling_stages_for(mask_stride: int) -> int:
@@ -36,6 +44,18 @@ def _conv_relu_bn(in_chans: int, out_chans: int, stride: int = 1) -> nn.Sequenti
     return nn.Sequential(nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(out_chans))
 
 
+def residual_stack(chans: int, count: int) -> nn.Module:
+    """``count`` of MONAI's residual units (two 3x3 convolutions, batch norm, ReLU) on ``chans`` channels; identity for 0.
+
+    They give the convolutional path the depth of a U-Net level: SAM's tokens bring the context, these the
+    receptive field of a nucleus and its border at each scale (LLSIE alone sees 5x5 pixels).
+    """
+    if count < 0:
+        raise ValueError(f"residual_units must be 0 or more, got {count!r}.")
+    units = [ResidualUnit(2, chans, chans, subunits=2, act="RELU", norm="BATCH") for _ in range(count)]
+    return nn.Sequential(*units) if units else nn.Identity()
+
+
 def pyramid_chans(chans: int, levels: int) -> Tuple[int, ...]:
     """Channels of each level of the low-level pyramid, finest first: the full-resolution level is narrower."""
     return tuple(FULL_RESOLUTION_CHANS if level == 0 and levels == 3 else chans for level in range(levels))
@@ -47,35 +67,47 @@ class LLSIEPyramid(nn.Module):
     Shapes:
         ``(B, in_chans, S', S')`` -> a tuple of ``levels`` tensors ``(B, C_k, S' / 2**k, S' / 2**k)``, finest
         first, ``C_k`` from :func:`pyramid_chans`; the last joins SAM's upscaled embedding as SPPNet's LLSIE does.
+
+    ``units`` residual units (:func:`residual_stack`) follow each strided convolution; with 0 (the default,
+    and every checkpoint saved before they existed) the pyramid is one convolution per scale.
     """
 
-    def __init__(self, in_chans: int = 3, out_chans: int = 32, levels: int = 3) -> None:
+    def __init__(self, in_chans: int = 3, out_chans: int = 32, levels: int = 3, units: int = 0) -> None:
         super().__init__()
         chans = pyramid_chans(out_chans, levels)
         self.llsie = LLSIE(in_chans, chans[0])
         self.down = nn.ModuleList(_conv_relu_bn(chans[k], chans[k + 1], stride=2) for k in range(levels - 1))
+        # Apart from ``down``, so that the keys of a pyramid without units stay those of older checkpoints; none at
+        # the finest scale (see SPPNet's residual_units).
+        self.units = nn.ModuleList(residual_stack(c, units if level else 0) for level, c in enumerate(chans)) if units else None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        features = [self.llsie(x)]
-        for block in self.down:
-            features.append(block(features[-1]))
+        features = [self._deepen(self.llsie(x), 0)]
+        for level, block in enumerate(self.down, start=1):
+            features.append(self._deepen(block(features[-1]), level))
         return tuple(features)
+
+    def _deepen(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        return x if self.units is None else self.units[level](x)
 
 
 class UpscalingStage(nn.Module):
-    """One 2x stage of the mask decoder: transposed convolution, + the skip features, 3x3 convolution with a residual.
+    """One 2x stage of the mask decoder: transposed convolution, + the skip features, 3x3 convolution with a
+    residual, then ``units`` residual units (:func:`residual_stack`; none by default, as in older checkpoints).
 
     Shapes:
         ``(B, in_chans, h, w)`` and skip ``(B or 1, out_chans, 2h, 2w)`` (or None) -> ``(B, out_chans, 2h, 2w)``.
     """
 
-    def __init__(self, in_chans: int = 32, out_chans: int = 32) -> None:
+    def __init__(self, in_chans: int = 32, out_chans: int = 32, units: int = 0) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_chans, out_chans, kernel_size=2, stride=2)
         self.refine = _conv_relu_bn(out_chans, out_chans)
+        self.units = residual_stack(out_chans, units) if units else None
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = self.up(x)
         if skip is not None:
             x = x + skip.expand(x.shape[0], *skip.shape[1:])
-        return x + self.refine(x)
+        x = x + self.refine(x)
+        return x if self.units is None else self.units(x)

@@ -108,6 +108,10 @@ class ResumableTrainingState:
             saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("recipe", {})
         except Exception as err:
             raise SPPNetError(f"{path}: cannot be read to resume from ({err}); delete it or use another bundle_root") from err
+        if saved:  # a network setting added since that run was saved: the run had its default
+            from sppnet_monai.networks.sppnet import RECIPE_DEFAULTS
+
+            saved = {**{key: str(value) for key, value in RECIPE_DEFAULTS.items()}, **saved}
         changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in self.recipe.recipe.items() if key in saved and saved[key] != value]
         if changed:
             raise SPPNetError(
