@@ -253,8 +253,9 @@ class SPPNetTrain(TrainTask):
             from sppnet_monai.networks.checkpoints import read_recipe
 
             # Fine-tuning keeps the served model's settings; a contradicting request fails on loading.
+            recipe = read_recipe(start)
             for key in ("image_size", *RECIPE_DEFAULTS):
-                overrides.setdefault(key, read_recipe(start).get(key, RECIPE_DEFAULTS.get(key)))
+                overrides.setdefault(key, recipe.get(key, RECIPE_DEFAULTS.get(key)))
             overrides = {k: v for k, v in overrides.items() if v is not None}
             overrides["network"] = f"$sppnet_monai.workflows.load_trained(@network_def, {str(start)!r}).to(@device)"
         overrides["ckpt_dir"] = str(run_dir)

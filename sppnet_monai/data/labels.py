@@ -35,7 +35,7 @@ import numpy as np
 
 from sppnet_monai.data import instances as inst
 from sppnet_monai.data.image_io import read_mask
-from sppnet_monai.data.monuseg import Region, rasterise_regions
+from sppnet_monai.data.monuseg import Region, rasterise_regions, to_float
 from sppnet_monai.utils import SPPNetError
 
 __all__ = [
@@ -94,10 +94,7 @@ class PolygonLabel:
 
 def _number(text: str | None, what: str, name: str) -> float:
     """``text`` as a finite number; LabelError naming ``what`` otherwise (``inf``/``nan`` included)."""
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = float("nan")
+    value = to_float(text)  # nan for what is not a number
     if not np.isfinite(value):
         raise LabelError(f"{name}: {what} is {text!r}, not a finite number")
     return value

@@ -43,6 +43,7 @@ __all__ = [
     "parse_annotation_xml",
     "polygon_pixels",
     "rasterise_regions",
+    "to_float",
 ]
 
 # Largest (pixels x edges) block of the crossing test held in memory at once.
@@ -113,12 +114,13 @@ def _vertex_coordinates(region: ET.Element) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, cols)`` of a Region's vertices; NaN where an X/Y attribute is not a number."""
     rows, cols = [], []
     for vertex in region.iter("Vertex"):
-        rows.append(_to_float(vertex.get("Y")))
-        cols.append(_to_float(vertex.get("X")))
+        rows.append(to_float(vertex.get("Y")))
+        cols.append(to_float(vertex.get("X")))
     return np.asarray(rows, dtype=np.float64), np.asarray(cols, dtype=np.float64)
 
 
-def _to_float(text: str | None) -> float:
+def to_float(text: str | None) -> float:
+    """``text`` as a float, nan when it is missing or not a number (XML attributes)."""
     try:
         return float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -136,7 +138,7 @@ def parse_annotation_xml(path: str | os.PathLike) -> MonusegAnnotation:
     for index, region in enumerate(root.iter("Region")):
         rows, cols = _vertex_coordinates(region)
         regions.append(Region(region_id=region.get("Id", f"#{index}"), rows=rows, cols=cols))
-    mpp = _to_float(root.get("MicronsPerPixel"))
+    mpp = to_float(root.get("MicronsPerPixel"))
     return MonusegAnnotation(regions=regions, microns_per_pixel=None if np.isnan(mpp) else mpp)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "detect_checkpoint_kind",
     "load_checkpoint",
     "read_recipe",
+    "with_recipe_defaults",
     "read_release",
     "read_state_dict",
     "save_release",
@@ -131,6 +132,14 @@ def read_recipe(path: str | os.PathLike) -> Dict[str, object]:
     return _saved_recipe(source)
 
 
+def with_recipe_defaults(recipe: Mapping[str, object]) -> Dict[str, object]:
+    """A saved ``recipe`` with each network setting added since it was saved at the value it then had
+    (``RECIPE_DEFAULTS``); an empty recipe (none recorded) stays empty."""
+    from sppnet_monai.networks.sppnet import RECIPE_DEFAULTS
+
+    return {**RECIPE_DEFAULTS, **recipe} if recipe else {}
+
+
 def _saved_recipe(source: Mapping[str, object]) -> Dict[str, object]:
     """The recipe inside a state dict's ``_extra_state`` (``SPPNet.get_extra_state``), ``{}`` when it has none."""
     extra = source.get(EXTRA_STATE_KEY)
@@ -140,13 +149,12 @@ def _saved_recipe(source: Mapping[str, object]) -> Dict[str, object]:
 
 def _check_recipe(net: nn.Module, path: str | os.PathLike, source: Mapping[str, object]) -> None:
     """Refuse a checkpoint whose recipe contradicts how ``net`` was built (a 256 model run at 1024, say)."""
-    from sppnet_monai.networks.sppnet import RECIPE_DEFAULTS, RECIPE_KEYS
+    from sppnet_monai.networks.sppnet import RECIPE_KEYS
 
-    saved = _saved_recipe(source)
+    saved = with_recipe_defaults(_saved_recipe(source))
     built = getattr(net, "recipe", None)
     if not saved or built is None:
         return
-    saved = {**RECIPE_DEFAULTS, **saved}  # a setting added since the checkpoint was saved: it had its default
     differ = [f"{key} {saved[key]!r} (this network: {built[key]!r})" for key in RECIPE_KEYS if key in saved and saved[key] != built[key]]
     if differ:
         raise SPPNetError(

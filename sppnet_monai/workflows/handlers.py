@@ -14,6 +14,7 @@ from monai.transforms import Randomizable
 from monai.utils import convert_to_numpy
 from torch.utils.tensorboard import SummaryWriter
 
+from sppnet_monai.networks.checkpoints import with_recipe_defaults
 from sppnet_monai.utils import SPPNetError
 from sppnet_monai.visualize import prompt_overlay
 
@@ -108,10 +109,8 @@ class ResumableTrainingState:
             saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("recipe", {})
         except Exception as err:
             raise SPPNetError(f"{path}: cannot be read to resume from ({err}); delete it or use another bundle_root") from err
-        if saved:  # a network setting added since that run was saved: the run had its default
-            from sppnet_monai.networks.sppnet import RECIPE_DEFAULTS
-
-            saved = {**{key: str(value) for key, value in RECIPE_DEFAULTS.items()}, **saved}
+        # A network setting added since that run was saved: the run had its default (strings, as _Recipe saves them).
+        saved = {key: str(value) for key, value in with_recipe_defaults(saved).items()}
         changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in self.recipe.recipe.items() if key in saved and saved[key] != value]
         if changed:
             raise SPPNetError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -74,12 +75,26 @@ def trained_setting(checkpoint: str, key: str, default: object = _REQUIRED) -> o
     then refuses a contradiction. Without a recorded recipe (checkpoints saved before sppnet_monai
     0.2) ``default`` is used, or, for settings with none, an error asks for the value.
     """
-    recipe = read_recipe(checkpoint)
+    recipe = _recorded_recipe(checkpoint)
     if key in recipe:
         return recipe[key]
     if default is _REQUIRED:
         raise SPPNetError(f"checkpoint {checkpoint} does not record its {key} (saved before sppnet_monai 0.2): give it, e.g. --{key} 256")
     return default
+
+
+def _recorded_recipe(checkpoint: str) -> dict:
+    """:func:`read_recipe` once per file version: a config asks for each setting (7 loads of the weights otherwise)."""
+    try:
+        stat = os.stat(checkpoint)
+    except OSError:
+        return read_recipe(checkpoint)  # its one-line error names the file
+    return _recipe_of_version(str(checkpoint), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _recipe_of_version(checkpoint: str, mtime_ns: int, size: int) -> dict:
+    return read_recipe(checkpoint)
 
 
 def load_trained(net: nn.Module, checkpoint: str) -> nn.Module:
