@@ -7,6 +7,7 @@ machine and in the same process, so the ratios compare like with like.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import statistics
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sppnet_monai.networks import SPPNet
+from sppnet_monai.networks import RECIPE_KEYS, SPPNet
 from sppnet_monai.networks.complexity import count_macs, network_info
 from sppnet_monai.precision import autocast, cpu_has_bf16
 from sppnet_monai.workflows.setup import reuse_freed_memory
@@ -148,11 +149,19 @@ def run_benchmark(
     return report
 
 
+def native_recipe() -> dict:
+    """The network settings of ``native_cpu.json``, the shipped recipe (the benchmark measures that network)."""
+    from sppnet_monai.predict import DEFAULT_CONFIG
+
+    recipe = json.loads((DEFAULT_CONFIG.parent / "native_cpu.json").read_text())
+    return {key: recipe[key] for key in RECIPE_KEYS if key in recipe}
+
+
 def _precision_figures(crop: int, batch: int, repeats: int, warmup: int) -> dict:
-    """The native-resolution network (``native_cpu.json``: ``mask_stride`` 1, 2 residual units, both heads) at
-    ``crop`` in float32 and under bfloat16 autocast (the bundles' ``cpu_bf16``): per window, per extra click
-    and per training step; bf16 only where the CPU has bfloat16 units."""
-    native = {"mask_stride": 1, "residual_units": 2, "instance_head": "distance", "click_head": True}
+    """The native-resolution network of ``native_cpu.json`` (:func:`native_recipe`) at ``crop`` in float32 and
+    under bfloat16 autocast (the bundles' ``cpu_bf16``): per window, per extra click and per training step;
+    bf16 only where the CPU has bfloat16 units."""
+    native = native_recipe()
     figures: dict = {"cpu_has_bf16": cpu_has_bf16(), "network": {"image_size": crop, **native}}
     for name, bf16 in (("float32", False), ("bfloat16", True)):
         if bf16 and not cpu_has_bf16():

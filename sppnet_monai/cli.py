@@ -62,9 +62,12 @@ class Commands:
         instance_head: str | None = None,
         click_head: bool = False,
         residual_units: int = 0,
+        mask_scale_units: int = 0,
+        conv_embedding: bool = False,
     ) -> None:
         """Print parameter count and multiply-accumulates (GMACs) of SPPNet at ``image_size`` as JSON
-        (``--mask_stride 1`` for the native-resolution decoder, ``--residual_units 2`` to deepen its pyramid;
+        (``--mask_stride 1`` for the native-resolution decoder, ``--residual_units 2`` to deepen its pyramid,
+        ``--mask_scale_units 2`` its last stage, ``--conv_embedding True`` to continue it to the embedding;
         the heads add no weights but a product each)."""
         from sppnet_monai.networks.complexity import network_info
         from sppnet_monai.networks.sppnet import SPPNet
@@ -76,6 +79,8 @@ class Commands:
             instance_head=instance_head,
             click_head=click_head,
             residual_units=residual_units,
+            mask_scale_units=mask_scale_units,
+            conv_embedding=conv_embedding,
         )
         _report(network_info(net, image_size=image_size))
 

@@ -18,7 +18,7 @@ from monai.networks.nets import BasicUNet
 from monai.utils import BundleProperty
 
 from sppnet_monai.data.prepare import prepare_demo
-from sppnet_monai.networks import SPPNet
+from sppnet_monai.networks import RECIPE_KEYS, SPPNet
 from sppnet_monai.networks.checkpoints import load_checkpoint
 from sppnet_monai.utils import user_error
 
@@ -105,7 +105,9 @@ def test_shipped_recipe_trains_the_native_network_with_both_heads(dataset, tmp_p
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    net = SPPNet(image_size=64, mask_stride=1, residual_units=2, instance_head="distance", click_head=True)
+    recipe = json.loads((CONFIGS / "native_cpu.json").read_text())
+    net = SPPNet(image_size=64, **{key: recipe[key] for key in RECIPE_KEYS if key in recipe})
+    assert net.recipe["mask_stride"] == 1 and net.instance_head == "distance" and net.click_head
     assert load_checkpoint(net, tmp_path / "models" / "model.pt") == "sppnet"
     assert net(torch.zeros(1, 5, 64, 64)).shape == (1, 3, 64, 64)
 

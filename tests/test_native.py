@@ -60,6 +60,67 @@ def test_residual_units_deepen_every_scale_but_the_finest(mask_stride):
     assert weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
 
 
+@pytest.mark.parametrize("mask_stride", [1, 2])
+def test_mask_scale_units_refine_the_last_stage(mask_stride):
+    """mask_scale_units add residual units after the last upscaling stage only, at the masks' scale; they learn,
+    the other keys stay, the recipe records them, and a network without them refuses their checkpoint in one line."""
+    plain = SPPNet(image_size=64, mask_stride=mask_stride, click_head=True, residual_units=2)
+    refined = SPPNet(image_size=64, mask_stride=mask_stride, click_head=True, residual_units=2, mask_scale_units=2)
+    assert refined.recipe["mask_scale_units"] == 2 and plain.recipe["mask_scale_units"] == 0
+    plain_state, refined_state = plain.state_dict(), refined.state_dict()
+    assert all(refined_state[key].shape == value.shape for key, value in plain_state.items() if key != "_extra_state")
+    last = f"mask_decoder.upscaling_stages.{len(refined.mask_decoder.upscaling_stages) - 1}.units."
+    added = set(refined_state) - set(plain_state)
+    assert added and all(key.startswith(last) for key in added)
+    # Two units of two 3x3 convolutions (+ bias, batch norm) on the 16 full-resolution or 32 half-resolution channels.
+    chans = 16 if mask_stride == 1 else 32
+    assert sum(p.numel() for name, p in refined.named_parameters() if name.startswith(last)) == 2 * 2 * (chans * chans * 9 + 3 * chans)
+    out = refined(_image(2, 64))
+    assert out.shape == (2, 2, 64 // 1, 64)
+    out[:, 0].mean().backward()
+    weights = [p for name, p in refined.named_parameters() if name.startswith(last) and name.endswith("weight")]
+    assert weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+
+
+def test_mask_scale_units_checkpoints_say_so(tmp_path):
+    path = tmp_path / "refined.pt"
+    torch.save(SPPNet(image_size=64, mask_stride=1, mask_scale_units=1).state_dict(), path)
+    with pytest.raises(ValueError, match="mask_scale_units 1"):
+        load_checkpoint(SPPNet(image_size=64, mask_stride=1), path)
+    net = SPPNet(image_size=64, mask_stride=1, mask_scale_units=1)
+    load_checkpoint(net, path)
+    with pytest.raises(ValueError, match="mask_scale_units"):
+        SPPNet(image_size=64, mask_scale_units=1)  # SAM's 1/4 decoder has no upscaling stage
+
+
+def test_conv_embedding_joins_the_vit_embedding(tmp_path):
+    """conv_embedding continues the pyramid to 1/16 and adds it to Tiny-ViT's embedding: it learns, the masks keep their
+    shape, the other keys stay, and the setting is in the recipe and refused by a network without it."""
+    plain = SPPNet(image_size=64, mask_stride=1, click_head=True, residual_units=1)
+    hybrid = SPPNet(image_size=64, mask_stride=1, click_head=True, residual_units=1, conv_embedding=True)
+    assert hybrid.recipe["conv_embedding"] is True and plain.recipe["conv_embedding"] is False
+    added = set(hybrid.state_dict()) - set(plain.state_dict())
+    assert added and all(key.startswith("conv_embedding.") for key in added)
+    features = hybrid.eval().encode(torch.randn(1, 3, 64, 64))
+    assert features.embeddings.shape == (1, 256, 4, 4)
+    hybrid.conv_embedding.proj.weight.data.zero_()  # no conv contribution: the embedding is Tiny-ViT's (+ the zero bias)
+    hybrid.conv_embedding.proj.bias.data.zero_()
+    image = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(hybrid.encode(image).embeddings, hybrid.image_encoder(image))
+    hybrid = SPPNet(image_size=64, mask_stride=1, click_head=True, residual_units=1, conv_embedding=True).train()
+    out = hybrid(_image(2, 64))
+    assert out.shape == (2, 2, 64, 64)
+    out[:, 0].mean().backward()
+    weights = [p for name, p in hybrid.named_parameters() if name.startswith("conv_embedding.") and name.endswith("weight")]
+    assert weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+    path = tmp_path / "hybrid.pt"
+    torch.save(hybrid.state_dict(), path)
+    with pytest.raises(ValueError, match="conv_embedding True"):
+        load_checkpoint(plain, path)
+    with pytest.raises(ValueError, match="conv_embedding"):
+        SPPNet(image_size=64, conv_embedding=True)  # no pyramid at SAM's 1/4
+
+
 def test_residual_units_need_the_pyramid():
     with pytest.raises(ValueError, match="residual_units"):
         SPPNet(image_size=64, residual_units=1)  # SAM's 1/4 decoder has no pyramid to deepen

@@ -50,7 +50,7 @@ class SPPMaskDecoder(MaskDecoder):
       keys ``upscaling_stages.*``) take the fused embedding on to 8h, 16h: with 2 the masks are at the
       encoder input's own resolution, each stage adding the LLSIE feature of its scale (then
       ``low_level_features`` is a tuple, finest first, ending with the one at 4h), each stage but the
-      last ending with ``residual_units`` of MONAI's residual units.
+      last ending with ``residual_units`` of MONAI's residual units, the last with ``mask_scale_units``.
 
     For many prompts on one image, :meth:`cache_image` does the transformer's per-image work once;
     passed as ``image_cache``, it stands for the image embedding, positional encoding (which may then
@@ -65,6 +65,7 @@ class SPPMaskDecoder(MaskDecoder):
         extra_outputs: int = 0,
         upscaling_stages: int = 0,
         residual_units: int = 0,
+        mask_scale_units: int = 0,
         click_guidance: bool = False,
         **kwargs,
     ) -> None:
@@ -81,7 +82,8 @@ class SPPMaskDecoder(MaskDecoder):
         # Channels at each scale, coarsest (SAM's 1/4 embedding) first, as the LLSIE pyramid gives them.
         chans = pyramid_chans(self.transformer_dim // 8, upscaling_stages + 1)[::-1]
         self.upscaling_stages = nn.ModuleList(
-            UpscalingStage(chans[k], chans[k + 1], residual_units if k < upscaling_stages - 1 else 0) for k in range(upscaling_stages)
+            UpscalingStage(chans[k], chans[k + 1], residual_units if k < upscaling_stages - 1 else mask_scale_units)
+            for k in range(upscaling_stages)
         )
         # SAM's hypernetworks give each mask token transformer_dim / 8 weights; a narrower full-resolution
         # embedding gets them through one linear map on the token side (cheap: no pixel is touched).

@@ -18,6 +18,7 @@ from torch import nn
 from sppnet_monai.networks.llsie import LLSIE
 
 __all__ = [
+    "ConvEmbedding",
     "FULL_RESOLUTION_CHANS",
     "LLSIEPyramid",
     "UpscalingStage",
@@ -111,3 +112,26 @@ class UpscalingStage(nn.Module):
             x = x + skip.expand(x.shape[0], *skip.shape[1:])
         x = x + self.refine(x)
         return x if self.units is None else self.units(x)
+
+
+class ConvEmbedding(nn.Module):
+    """The LLSIE pyramid continued from 1/4 down to the image embedding's 1/16: strided 3x3 convolutions doubling
+    the channels, ``units`` residual units after each, and a 1x1 projection to the embedding's channels.
+
+    Added to the Tiny-ViT embedding, it gives SAM's decoder the deep levels of a U-Net's encoder beside the
+    transformer's context: trained from random weights on a few images, convolutions learn nuclei faster.
+
+    Shapes:
+        ``(B, in_chans, S/4, S/4)`` -> ``(B, out_chans, S/16, S/16)``.
+    """
+
+    def __init__(self, in_chans: int = 32, out_chans: int = 256, units: int = 0) -> None:
+        super().__init__()
+        chans = (in_chans, 2 * in_chans, 4 * in_chans)
+        self.down = nn.Sequential(
+            *(nn.Sequential(_conv_relu_bn(chans[k], chans[k + 1], stride=2), residual_stack(chans[k + 1], units)) for k in range(2))
+        )
+        self.proj = nn.Conv2d(chans[-1], out_chans, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.down(x))

@@ -20,7 +20,7 @@ from sppnet_monai.networks.cached_decoding import CachedImageTokens
 from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
 from sppnet_monai.networks.llsie import LLSIE
 from sppnet_monai.networks.mask_decoder import LowLevelFeatures, SPPMaskDecoder
-from sppnet_monai.networks.native_decoder import LLSIEPyramid, upscaling_stages_for
+from sppnet_monai.networks.native_decoder import ConvEmbedding, LLSIEPyramid, upscaling_stages_for
 from sppnet_monai.utils import SPPNetError
 
 __all__ = [
@@ -56,9 +56,9 @@ def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 # What a trained network's shape or meaning depends on: saved with its weights (see SPPNet.recipe).
-RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head", "mask_stride", "click_head", "residual_units")
+RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head", "mask_stride", "click_head", "residual_units", "mask_scale_units", "conv_embedding")
 # What a checkpoint saved before a recipe key existed was built with (its absence means this value).
-RECIPE_DEFAULTS = {"fusion": "add", "instance_head": None, "mask_stride": 4, "click_head": False, "residual_units": 0}
+RECIPE_DEFAULTS = {"fusion": "add", "instance_head": None, "mask_stride": 4, "click_head": False, "residual_units": 0, "mask_scale_units": 0, "conv_embedding": False}
 
 # What the instance head predicts (see SPPNet): nucleus contours, or each nucleus's normalised distance map.
 INSTANCE_HEADS = ("boundary", "distance")
@@ -180,6 +180,13 @@ class SPPNet(nn.Module):
             depth for the convolutional path. None at the masks' own scale, bound by memory traffic there (2
             units at every scale made a bf16 training step 1.46x slower, 1.17x without the finest). 0: one
             convolution per scale, as in checkpoints before 0.7.
+        mask_scale_units: with ``mask_stride`` 1 or 2, residual units after the last upscaling stage, at the masks'
+            own scale, where a U-Net's last level refines borders; they run once per prompt, on 16 channels at
+            full resolution. 0: none, as in checkpoints before 0.8.
+        conv_embedding: with ``mask_stride`` 1 or 2, the LLSIE pyramid goes on from 1/4 to 1/16
+            (:class:`~sppnet_monai.networks.native_decoder.ConvEmbedding`, with ``residual_units`` at each level)
+            and is added to the Tiny-ViT embedding: a U-Net encoder's deep levels beside the transformer.
+            False: the embedding is Tiny-ViT's alone, as in checkpoints before 0.8.
     """
 
     in_channels = 5
@@ -196,6 +203,8 @@ class SPPNet(nn.Module):
         mask_stride: int = 4,
         click_head: bool = False,
         residual_units: int = 0,
+        mask_scale_units: int = 0,
+        conv_embedding: bool = False,
     ) -> None:
         super().__init__()
         check_image_size(image_size)
@@ -208,6 +217,12 @@ class SPPNet(nn.Module):
             raise SPPNetError(
                 f"residual_units deepen the LLSIE pyramid: they need mask_stride 1 or 2 and LLSIE fusion, got mask_stride {mask_stride!r}, fusion {fusion!r}."
             )
+        if conv_embedding and not (stages and fusion != "none"):
+            raise SPPNetError(
+                f"conv_embedding continues the LLSIE pyramid: it needs mask_stride 1 or 2 and LLSIE fusion, got mask_stride {mask_stride!r}, fusion {fusion!r}."
+            )
+        if mask_scale_units and not stages:
+            raise SPPNetError(f"mask_scale_units follow the last upscaling stage: they need mask_stride 1 or 2, got {mask_stride!r}.")
         stride = TinyViTImageEncoder.stride
         self.image_size = image_size
         self.multimask_output = multimask_output
@@ -220,6 +235,8 @@ class SPPNet(nn.Module):
             "mask_stride": int(mask_stride),
             "click_head": bool(click_head),
             "residual_units": int(residual_units),
+            "mask_scale_units": int(mask_scale_units),
+            "conv_embedding": bool(conv_embedding),
         }
         self.loaded_recipe: Optional[Dict[str, Any]] = None
         embedding_size = image_size // stride
@@ -235,6 +252,7 @@ class SPPNet(nn.Module):
             extra_outputs=int(instance_head is not None) + int(bool(click_head)),
             upscaling_stages=stages,
             residual_units=residual_units,
+            mask_scale_units=mask_scale_units,
             click_guidance=bool(click_head),
             transformer_dim=embed_dim,
             transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
@@ -253,6 +271,7 @@ class SPPNet(nn.Module):
             pool = fusion == "concat"
             self.llsie_input_size = self.mask_size * (2 if pool else 1)
             self.llsie = nn.Sequential(LLSIE(3, embed_dim // 8), nn.MaxPool2d(2) if pool else nn.Identity())
+        self.conv_embedding = ConvEmbedding(embed_dim // 8, embed_dim, units=residual_units) if conv_embedding else None
 
     @torch.no_grad()
     def optimize_for_inference(self) -> "SPPNet":
@@ -335,6 +354,8 @@ class SPPNet(nn.Module):
             if size != tuple(padded.shape[-2:]):
                 padded = F.interpolate(padded, size=size, mode="bilinear", align_corners=False, antialias=True)
             low_level = self.llsie(padded)
+            if self.conv_embedding is not None:
+                embeddings = embeddings + self.conv_embedding(low_level[-1])
         decoder_cache = None
         if not self.training:  # training decodes each image once, through segment-anything's own forward
             _, no_mask_embedding = self.prompt_encoder(points=None, boxes=None, masks=None)
