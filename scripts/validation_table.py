@@ -17,10 +17,8 @@ import shlex
 from pathlib import Path
 
 from sppnet_monai.evaluate import run_evaluate
-from sppnet_monai.predict import DEFAULT_CONFIG
+from sppnet_monai.predict import UNET_CONFIG
 
-CONFIGS = Path(DEFAULT_CONFIG).parent
-UNET_CONFIG = [str(DEFAULT_CONFIG), str(CONFIGS / "unet_inference.json")]
 COLUMNS = ("dice", "iou", "dice_256", "iou_256", "aji", "pq", "f1", "clicked_dice")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -203,6 +204,52 @@ def clicked_nucleus_dice(
             overlap = np.count_nonzero(returned & (truth[y0 : y0 + h, x0 : x0 + w] == index))
             dice.append(2.0 * overlap / (np.count_nonzero(returned) + sizes[index]))
     return float(np.mean(dice))
+
+
+# The post-processing settings tune_postprocess varies: the mask threshold and the instance head's watershed.
+POSTPROCESS_GRID = {
+    "threshold": (0.45, 0.5, 0.55, 0.6, 0.65, 0.7),
+    "core_threshold": (0.4, 0.5, 0.6, 0.7, 0.75, 0.8),
+    "min_core_size": (4, 16),
+    "min_size": (10, 30),
+}
+
+
+def tune_postprocess(predictor: Predictor, entries: Sequence[dict], grid: dict | None = None) -> list[dict]:
+    """Mean Dice, AJI, PQ and F1 over ``entries`` (``{"image", "label"}``) of every combination of ``grid``
+    (default :data:`POSTPROCESS_GRID`), automatic protocol, sorted by AJI, best first.
+
+    The network runs once per image (with the predictor's ``flip_tta``); each combination then goes through the
+    predictor's own rules (:meth:`Predictor.mask`, :meth:`Predictor.split_nuclei`) on the cached logits, so a row
+    scores what ``evaluate --protocol automatic`` with those settings scores. ``min_size`` sets both watersheds'.
+    The predictor's settings are restored afterwards.
+    """
+    grid = dict(POSTPROCESS_GRID if grid is None else grid)
+    unknown = set(grid) - set(POSTPROCESS_GRID)
+    if unknown:
+        raise SPPNetError(f"tune_postprocess varies {sorted(POSTPROCESS_GRID)}, not {sorted(unknown)}")
+    cached = []
+    for entry in tqdm(entries, desc="tune_postprocess: network", unit="image"):
+        prepared = predictor.prepare({"image": entry["image"], "foreground": [], "background": []})
+        cached.append((predictor.logits(prepared).cpu(), read_mask(entry["label"]).astype(np.int64)))
+    saved = predictor.threshold, predictor.head_postprocess, predictor.instance_postprocess
+    rows = []
+    try:
+        for combo in itertools.product(*grid.values()):
+            setting = dict(zip(grid, combo))
+            predictor.set_threshold(setting.get("threshold", saved[0]))
+            head = {key: setting[key] for key in ("core_threshold", "min_core_size", "min_size") if key in setting}
+            predictor.head_postprocess = {**saved[1], **head}
+            predictor.instance_postprocess = {**saved[2], **({"min_size": setting["min_size"]} if "min_size" in setting else {})}
+            scores = []
+            for logits, truth in cached:
+                mask = predictor.mask(logits)
+                scores.append(score_image(mask, truth, pred_instances=predictor.split_nuclei(mask, predictor.head_map(logits))))
+            rows.append({**setting, **{key: float(np.mean([s[key] for s in scores])) for key in ("dice", "aji", "pq", "f1")}})
+    finally:
+        predictor.set_threshold(saved[0])
+        predictor.head_postprocess, predictor.instance_postprocess = saved[1], saved[2]
+    return sorted(rows, key=lambda row: row["aji"], reverse=True)
 
 
 def classical_segmentation(image: str) -> tuple[np.ndarray, np.ndarray]:

@@ -38,6 +38,8 @@ from sppnet_monai.workflows.setup import reuse_freed_memory
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "inference.json"
+# The U-Net baseline's inference: the bundle's pipeline with unet_inference.json's network on top.
+UNET_CONFIG = [str(DEFAULT_CONFIG), str(DEFAULT_CONFIG.parent / "unet_inference.json")]
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp") + (".svs", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
 OUTPUT_FORMATS = ("png", "tif", "nii")  # masks, for images that fit in memory
 GEOJSON = "geojson"  # nucleus polygons (QuPath GeoJSON) + their measurements (CSV), for any input
@@ -132,7 +134,7 @@ class Predictor:
         # The click encoding without the image-level AutoClickd: on slide tiles every window chooses its own
         # automatic click (the inferer's rule), so that a nucleus does not depend on the tile that saw it.
         self.click_encoding = Compose([t for t in self.prompt_preprocessing.transforms if not isinstance(t, AutoClickd)])
-        self.discretize = AsDiscrete(threshold=self.threshold)
+        self.set_threshold(self.threshold)
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
         self.head_postprocess = dict(parser.get_parsed_content("head_postprocess", default={}))
         self.slide_inference = dict(parser.get_parsed_content("slide_inference", default={}))  # SlideSegmenter's arguments
@@ -140,6 +142,11 @@ class Predictor:
         self.split_by_head = bool(parser.get_parsed_content("split_by_head", default=True))
         # What the network's second channel is: the config's instance_head, which also built the network.
         self.instance_head = parser.get_parsed_content("instance_head", default=None)
+
+    def set_threshold(self, threshold: float) -> None:
+        """The probability above which a pixel is nucleus (the config's ``threshold``)."""
+        self.threshold = float(threshold)
+        self.discretize = AsDiscrete(threshold=self.threshold)
 
     @property
     def image_size(self) -> int:

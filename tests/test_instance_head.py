@@ -11,7 +11,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 from sppnet_monai.data.prepare import prepare_demo
-from sppnet_monai.evaluate import run_evaluate, window_grid
+from sppnet_monai.evaluate import run_evaluate, tune_postprocess, window_grid
 from sppnet_monai.losses import MaskInstanceLoss
 from sppnet_monai.networks import INSTANCE_CHANNEL, MASK_CHANNEL, SPPNet
 from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe, read_release, save_release
@@ -19,6 +19,7 @@ from sppnet_monai.postprocess import instances_from_head, instances_from_semanti
 from sppnet_monai.predict import DEFAULT_CONFIG, Predictor
 from sppnet_monai.transforms import NucleiInstanceTarget, NucleiInstanceTargetd, RandHEDJitterd
 from sppnet_monai.utils import SPPNetError
+from sppnet_monai.workflows.datasets import datalist_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "bundle" / "weights" / "sppnet_monuseg.pt"
@@ -158,6 +159,28 @@ def test_prompted_protocol_windows_are_the_inferers_windows(shape):
     windows = window_grid(shape, (256, 256), 0.25)
     assert sorted((r.start, c.start) for r, c in windows) == sorted(visited)
     assert all(r.stop - r.start == min(256, shape[0]) and c.stop - c.start == min(256, shape[1]) for r, c in windows)
+
+
+def test_tune_postprocess_scores_what_evaluate_scores(tmp_path):
+    """Each row of the post-processing search is what ``evaluate --protocol automatic`` gives with those settings."""
+    data = tmp_path / "data"
+    prepare_demo(data, num_images=3, image_size=96, seed=2, val_fraction=0.34)
+    torch.manual_seed(0)
+    torch.save(SPPNet(image_size=64, instance_head="distance").state_dict(), tmp_path / "model.pt")
+    ckpt = str(tmp_path / "model.pt")
+    predictor = Predictor(ckpt)
+    before = (predictor.threshold, dict(predictor.head_postprocess))
+    grid = {"threshold": (0.45, 0.5), "core_threshold": (0.3, 0.7), "min_core_size": (4,), "min_size": (10,)}
+    rows = tune_postprocess(predictor, datalist_split(str(data), "validation"), grid)
+    assert len(rows) == 4 and [r["aji"] for r in rows] == sorted((r["aji"] for r in rows), reverse=True)
+    assert (predictor.threshold, predictor.head_postprocess) == before  # restored
+    row = next(r for r in rows if (r["threshold"], r["core_threshold"]) == (0.45, 0.3))
+    head = {"core_threshold": 0.3, "min_core_size": 4, "min_size": 10}
+    scored = run_evaluate(str(data), str(tmp_path / "e"), ckpt, protocol="automatic", threshold=0.45, head_postprocess=head)
+    for key in ("dice", "aji", "pq", "f1"):
+        assert row[key] == pytest.approx(scored[key]["mean"], abs=1e-6)
+    with pytest.raises(SPPNetError, match="sigma"):
+        tune_postprocess(predictor, [], {"sigma": (1.0,)})
 
 
 def test_evaluate_both_protocols_and_the_classical_baseline(tmp_path):

@@ -115,6 +115,54 @@ def test_conv_embedding_joins_the_vit_embedding(tmp_path):
         SPPNet(image_size=64, conv_embedding=True)  # no pyramid at SAM's 1/4
 
 
+@pytest.mark.parametrize("eighth_skip", [True, False])
+def test_eighth_skip_carries_the_conv_eighth_to_the_decoder(tmp_path, eighth_skip):
+    """With the conv embedding's projection at zero, its 1/8 level reaches the masks only through eighth_skip: gradient
+    there with the skip, none without; no weights of its own; recorded, and a checkpoint of the other kind is refused."""
+    net = SPPNet(image_size=64, mask_stride=1, click_head=True, residual_units=1, conv_embedding=True, eighth_skip=eighth_skip).train()
+    other = SPPNet(image_size=64, mask_stride=1, click_head=True, residual_units=1, conv_embedding=True, eighth_skip=not eighth_skip)
+    assert net.recipe["eighth_skip"] is eighth_skip and set(net.state_dict()) == set(other.state_dict())
+    net.conv_embedding.proj.weight.data.zero_()
+    out = net(_image(2, 64))
+    assert out.shape == (2, 2, 64, 64)
+    out[:, 0].mean().backward()
+    grad = net.conv_embedding.down[0][0][0].weight.grad
+    assert bool(grad is not None and grad.abs().sum() > 0) is eighth_skip
+    path = tmp_path / "net.pt"
+    torch.save(net.state_dict(), path)
+    with pytest.raises(ValueError, match="eighth_skip"):
+        load_checkpoint(other, path)
+    with torch.no_grad():  # eval mode decodes through the per-image cache: the same masks as without it
+        image = _image(1, 64)
+        features = net.eval().encode(image[:, :3])
+        uncached = net.decode_guidance(features._replace(decoder_cache=None), image[:, 3:])
+        torch.testing.assert_close(net.decode_guidance(features, image[:, 3:]), uncached, atol=1e-4, rtol=1e-4)
+
+
+def test_eighth_skip_needs_the_conv_embedding():
+    with pytest.raises(ValueError, match="eighth_skip"):
+        SPPNet(image_size=64, mask_stride=1, eighth_skip=True)
+
+
+def test_full_resolution_chans_widen_the_finest_level(tmp_path):
+    """full_resolution_chans sets the channels of LLSIE and of the last upscaling stage at full resolution; recorded, and
+    refused by a network of the other width in one line, and without a full-resolution level."""
+    wide = SPPNet(image_size=64, mask_stride=1, instance_head="distance", full_resolution_chans=32).train()
+    assert wide.recipe["full_resolution_chans"] == 32 and SPPNet(image_size=64, mask_stride=1).recipe["full_resolution_chans"] == 16
+    assert wide.llsie.llsie(torch.randn(1, 3, 64, 64)).shape[1] == 32
+    assert wide.mask_decoder.upscaling_stages[-1].up.out_channels == 32
+    out = wide(_image(2, 64))
+    assert out.shape == (2, 2, 64, 64)
+    out[:, 0].mean().backward()
+    assert wide.mask_decoder.upscaling_stages[-1].refine[0].weight.grad.abs().sum() > 0
+    path = tmp_path / "wide.pt"
+    torch.save(wide.state_dict(), path)
+    with pytest.raises(ValueError, match="full_resolution_chans"):
+        load_checkpoint(SPPNet(image_size=64, mask_stride=1, instance_head="distance"), path)
+    with pytest.raises(ValueError, match="full_resolution_chans"):
+        SPPNet(image_size=64, mask_stride=2, full_resolution_chans=32)
+
+
 def test_residual_units_need_the_pyramid():
     with pytest.raises(ValueError, match="residual_units"):
         SPPNet(image_size=64, residual_units=1)  # SAM's 1/4 decoder has no pyramid to deepen

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sppnet_monai.networks.cached_decoding import CachedImageTokens, cache_image_tokens, two_way_transformer
-from sppnet_monai.networks.native_decoder import UpscalingStage, pyramid_chans
+from sppnet_monai.networks.native_decoder import FULL_RESOLUTION_CHANS, UpscalingStage, pyramid_chans
 
 # LLSIE features: one tensor at the decoder's 1/4 resolution, or a tuple finest first ending at 1/4 (LLSIEPyramid).
 LowLevelFeatures = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -50,7 +50,9 @@ class SPPMaskDecoder(MaskDecoder):
       keys ``upscaling_stages.*``) take the fused embedding on to 8h, 16h: with 2 the masks are at the
       encoder input's own resolution, each stage adding the LLSIE feature of its scale (then
       ``low_level_features`` is a tuple, finest first, ending with the one at 4h), each stage but the
-      last ending with ``residual_units`` of MONAI's residual units, the last with ``mask_scale_units``.
+      last ending with ``residual_units`` of MONAI's residual units, the last with ``mask_scale_units``;
+    - with ``eighth_skip``, ``low_level_features`` ends with a feature at 2h (SPPNet's conv embedding, transformer_dim
+      / 4 channels), added to SAM's output upscaling after its first transposed convolution and norm.
 
     For many prompts on one image, :meth:`cache_image` does the transformer's per-image work once;
     passed as ``image_cache``, it stands for the image embedding, positional encoding (which may then
@@ -66,6 +68,8 @@ class SPPMaskDecoder(MaskDecoder):
         upscaling_stages: int = 0,
         residual_units: int = 0,
         mask_scale_units: int = 0,
+        eighth_skip: bool = False,
+        full_resolution_chans: int = FULL_RESOLUTION_CHANS,
         click_guidance: bool = False,
         **kwargs,
     ) -> None:
@@ -76,11 +80,12 @@ class SPPMaskDecoder(MaskDecoder):
             raise ValueError(f"extra_outputs must be 0..{self.num_multimask_outputs} (the spare mask tokens), got {extra_outputs}.")
         self.fusion = fusion
         self.extra_outputs = extra_outputs
+        self.eighth_skip = eighth_skip
         if fusion == "concat":
             mask_chans = self.transformer_dim // 8
             self.fusion_proj = nn.Conv2d(2 * mask_chans, mask_chans, kernel_size=1)
         # Channels at each scale, coarsest (SAM's 1/4 embedding) first, as the LLSIE pyramid gives them.
-        chans = pyramid_chans(self.transformer_dim // 8, upscaling_stages + 1)[::-1]
+        chans = pyramid_chans(self.transformer_dim // 8, upscaling_stages + 1, full_resolution_chans)[::-1]
         self.upscaling_stages = nn.ModuleList(
             UpscalingStage(chans[k], chans[k + 1], residual_units if k < upscaling_stages - 1 else mask_scale_units)
             for k in range(upscaling_stages)
@@ -146,7 +151,17 @@ class SPPMaskDecoder(MaskDecoder):
         mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
 
         src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled_embedding = self._fuse(self.output_upscaling(src), low_level_features, click_guidance)
+        if self.eighth_skip:
+            if not isinstance(low_level_features, tuple):
+                raise ValueError("eighth_skip needs the LLSIE features as a tuple ending with the 1/8 feature.")
+            *quarter_and_finer, eighth = low_level_features
+            low_level_features = tuple(quarter_and_finer)
+            # SAM's output_upscaling: ConvTranspose, LayerNorm2d, activation, ConvTranspose, activation.
+            upscaled = self.output_upscaling[:2](src)
+            upscaled = self.output_upscaling[2:](upscaled + _expand_to(eighth, upscaled.shape[0], "the 1/8 feature"))
+        else:
+            upscaled = self.output_upscaling(src)
+        upscaled_embedding = self._fuse(upscaled, low_level_features, click_guidance)
         hyper_in_list: List[torch.Tensor] = [
             mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)
         ]

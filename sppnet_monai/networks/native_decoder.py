@@ -36,8 +36,9 @@ def upscaling_stages_for(mask_stride: int) -> int:
     return stages[mask_stride]
 
 
-# Channels of the full-resolution features: memory traffic at full resolution, not arithmetic, sets the
-# CPU time there (32 channels measured 4x slower than 16 for a 3x3 stem, batch 8 of 256x256).
+# Channels of the full-resolution features by default (SPPNet's full_resolution_chans): memory traffic at full
+# resolution, not arithmetic, sets the CPU time there (32 channels measured 4x slower than 16 for a 3x3 stem,
+# batch 8 of 256x256).
 FULL_RESOLUTION_CHANS = 16
 
 
@@ -57,9 +58,10 @@ def residual_stack(chans: int, count: int) -> nn.Module:
     return nn.Sequential(*units) if units else nn.Identity()
 
 
-def pyramid_chans(chans: int, levels: int) -> Tuple[int, ...]:
-    """Channels of each level of the low-level pyramid, finest first: the full-resolution level is narrower."""
-    return tuple(FULL_RESOLUTION_CHANS if level == 0 and levels == 3 else chans for level in range(levels))
+def pyramid_chans(chans: int, levels: int, full_resolution_chans: int = FULL_RESOLUTION_CHANS) -> Tuple[int, ...]:
+    """Channels of each level of the low-level pyramid, finest first: the full-resolution level (of a 3-level
+    pyramid) has ``full_resolution_chans``, the others ``chans``."""
+    return tuple(full_resolution_chans if level == 0 and levels == 3 else chans for level in range(levels))
 
 
 class LLSIEPyramid(nn.Module):
@@ -73,9 +75,11 @@ class LLSIEPyramid(nn.Module):
     and every checkpoint saved before they existed) the pyramid is one convolution per scale.
     """
 
-    def __init__(self, in_chans: int = 3, out_chans: int = 32, levels: int = 3, units: int = 0) -> None:
+    def __init__(
+        self, in_chans: int = 3, out_chans: int = 32, levels: int = 3, units: int = 0, full_resolution_chans: int = FULL_RESOLUTION_CHANS
+    ) -> None:
         super().__init__()
-        chans = pyramid_chans(out_chans, levels)
+        chans = pyramid_chans(out_chans, levels, full_resolution_chans)
         self.llsie = LLSIE(in_chans, chans[0])
         self.down = nn.ModuleList(_conv_relu_bn(chans[k], chans[k + 1], stride=2) for k in range(levels - 1))
         # Apart from ``down``, so that the keys of a pyramid without units stay those of older checkpoints; none at
@@ -122,7 +126,8 @@ class ConvEmbedding(nn.Module):
     transformer's context: trained from random weights on a few images, convolutions learn nuclei faster.
 
     Shapes:
-        ``(B, in_chans, S/4, S/4)`` -> ``(B, out_chans, S/16, S/16)``.
+        ``(B, in_chans, S/4, S/4)`` -> ``(B, out_chans, S/16, S/16)``; :meth:`levels` also gives the
+        ``(B, 2 * in_chans, S/8, S/8)`` features of the level between (SPPNet's ``eighth_skip``).
     """
 
     def __init__(self, in_chans: int = 32, out_chans: int = 256, units: int = 0) -> None:
@@ -134,4 +139,9 @@ class ConvEmbedding(nn.Module):
         self.proj = nn.Conv2d(chans[-1], out_chans, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.down(x))
+        return self.levels(x)[1]
+
+    def levels(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The 1/8 features and the 1/16 embedding of ``x``."""
+        eighth = self.down[0](x)
+        return eighth, self.proj(self.down[1](eighth))

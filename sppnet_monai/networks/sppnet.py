@@ -20,7 +20,7 @@ from sppnet_monai.networks.cached_decoding import CachedImageTokens
 from sppnet_monai.networks.image_encoder import TinyViTImageEncoder
 from sppnet_monai.networks.llsie import LLSIE
 from sppnet_monai.networks.mask_decoder import LowLevelFeatures, SPPMaskDecoder
-from sppnet_monai.networks.native_decoder import ConvEmbedding, LLSIEPyramid, upscaling_stages_for
+from sppnet_monai.networks.native_decoder import FULL_RESOLUTION_CHANS, ConvEmbedding, LLSIEPyramid, upscaling_stages_for
 from sppnet_monai.utils import SPPNetError
 
 __all__ = [
@@ -56,9 +56,9 @@ def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 # What a trained network's shape or meaning depends on: saved with its weights (see SPPNet.recipe).
-RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head", "mask_stride", "click_head", "residual_units", "mask_scale_units", "conv_embedding")
+RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head", "mask_stride", "click_head", "residual_units", "mask_scale_units", "conv_embedding", "eighth_skip", "full_resolution_chans")
 # What a checkpoint saved before a recipe key existed was built with (its absence means this value).
-RECIPE_DEFAULTS = {"fusion": "add", "instance_head": None, "mask_stride": 4, "click_head": False, "residual_units": 0, "mask_scale_units": 0, "conv_embedding": False}
+RECIPE_DEFAULTS = {"fusion": "add", "instance_head": None, "mask_stride": 4, "click_head": False, "residual_units": 0, "mask_scale_units": 0, "conv_embedding": False, "eighth_skip": False, "full_resolution_chans": FULL_RESOLUTION_CHANS}
 
 # What the instance head predicts (see SPPNet): nucleus contours, or each nucleus's normalised distance map.
 INSTANCE_HEADS = ("boundary", "distance")
@@ -77,7 +77,8 @@ class ImageFeatures(NamedTuple):
 
     embeddings: ``(B, 256, S/16, S/16)`` Tiny-ViT + neck output.
     low_level: ``(B, 32, S/4, S/4)`` LLSIE features, or with ``mask_stride`` < 4 a tuple of them at
-        ``S / mask_stride`` ... ``S/4``, finest first; None without LLSIE.
+        ``S / mask_stride`` ... ``S/4``, finest first, then with ``eighth_skip`` the conv embedding's
+        ``(B, 64, S/8, S/8)``; None without LLSIE.
     input_size: ``(H, W)`` of the image before padding to ``S x S``.
     decoder_cache: the mask decoder's per-image work (``SPPMaskDecoder.cache_image``), computed by
         ``encode`` in eval mode so that each prompt costs less; None in training. Decoding uses it
@@ -187,6 +188,12 @@ class SPPNet(nn.Module):
             (:class:`~sppnet_monai.networks.native_decoder.ConvEmbedding`, with ``residual_units`` at each level)
             and is added to the Tiny-ViT embedding: a U-Net encoder's deep levels beside the transformer.
             False: the embedding is Tiny-ViT's alone, as in checkpoints before 0.8.
+        eighth_skip: with ``conv_embedding``, its 1/8 features join SAM's output upscaling at 1/8 (after the
+            first transposed convolution and its norm), the one U-Net skip the decoder lacked: every scale from
+            1/16 to the masks' then has a convolutional feature. No weights of its own. False: as before 0.9.
+        full_resolution_chans: with ``mask_stride`` 1, the channels of the full-resolution level (LLSIE, the last
+            upscaling stage and its units, the hypernetwork product); the U-Net baseline has 32 there. 16: as
+            before 0.9.
     """
 
     in_channels = 5
@@ -205,6 +212,8 @@ class SPPNet(nn.Module):
         residual_units: int = 0,
         mask_scale_units: int = 0,
         conv_embedding: bool = False,
+        eighth_skip: bool = False,
+        full_resolution_chans: int = FULL_RESOLUTION_CHANS,
     ) -> None:
         super().__init__()
         check_image_size(image_size)
@@ -221,6 +230,12 @@ class SPPNet(nn.Module):
             raise SPPNetError(
                 f"conv_embedding continues the LLSIE pyramid: it needs mask_stride 1 or 2 and LLSIE fusion, got mask_stride {mask_stride!r}, fusion {fusion!r}."
             )
+        if eighth_skip and not conv_embedding:
+            raise SPPNetError("eighth_skip passes the conv embedding's 1/8 features to the decoder: it needs conv_embedding True.")
+        if full_resolution_chans != FULL_RESOLUTION_CHANS and mask_stride != 1:
+            raise SPPNetError(f"full_resolution_chans sets the full-resolution level: it needs mask_stride 1, got {mask_stride!r}.")
+        if full_resolution_chans < 1:
+            raise SPPNetError(f"full_resolution_chans must be at least 1, got {full_resolution_chans!r}.")
         if mask_scale_units and not stages:
             raise SPPNetError(f"mask_scale_units follow the last upscaling stage: they need mask_stride 1 or 2, got {mask_stride!r}.")
         stride = TinyViTImageEncoder.stride
@@ -237,6 +252,8 @@ class SPPNet(nn.Module):
             "residual_units": int(residual_units),
             "mask_scale_units": int(mask_scale_units),
             "conv_embedding": bool(conv_embedding),
+            "eighth_skip": bool(eighth_skip),
+            "full_resolution_chans": int(full_resolution_chans),
         }
         self.loaded_recipe: Optional[Dict[str, Any]] = None
         embedding_size = image_size // stride
@@ -253,6 +270,8 @@ class SPPNet(nn.Module):
             upscaling_stages=stages,
             residual_units=residual_units,
             mask_scale_units=mask_scale_units,
+            eighth_skip=bool(eighth_skip),
+            full_resolution_chans=int(full_resolution_chans),
             click_guidance=bool(click_head),
             transformer_dim=embed_dim,
             transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
@@ -266,7 +285,7 @@ class SPPNet(nn.Module):
         self.llsie: Optional[nn.Module] = None
         if fusion != "none" and stages:
             self.llsie_input_size = self.mask_size
-            self.llsie = LLSIEPyramid(3, embed_dim // 8, levels=stages + 1, units=residual_units)
+            self.llsie = LLSIEPyramid(3, embed_dim // 8, levels=stages + 1, units=residual_units, full_resolution_chans=full_resolution_chans)
         elif fusion != "none":
             pool = fusion == "concat"
             self.llsie_input_size = self.mask_size * (2 if pool else 1)
@@ -355,7 +374,10 @@ class SPPNet(nn.Module):
                 padded = F.interpolate(padded, size=size, mode="bilinear", align_corners=False, antialias=True)
             low_level = self.llsie(padded)
             if self.conv_embedding is not None:
-                embeddings = embeddings + self.conv_embedding(low_level[-1])
+                eighth, conv = self.conv_embedding.levels(low_level[-1])
+                embeddings = embeddings + conv
+                if self.mask_decoder.eighth_skip:
+                    low_level = (*low_level, eighth)
         decoder_cache = None
         if not self.training:  # training decodes each image once, through segment-anything's own forward
             _, no_mask_embedding = self.prompt_encoder(points=None, boxes=None, masks=None)
