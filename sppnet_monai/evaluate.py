@@ -206,7 +206,8 @@ def clicked_nucleus_dice(
     return float(np.mean(dice))
 
 
-# The post-processing settings tune_postprocess varies: the mask threshold and the instance head's watershed.
+# The post-processing settings tune_postprocess varies: the mask threshold, then the instance head's watershed
+# (head_postprocess in inference.json).
 POSTPROCESS_GRID = {
     "threshold": (0.45, 0.5, 0.55, 0.6, 0.65, 0.7),
     "core_threshold": (0.4, 0.5, 0.6, 0.7, 0.75, 0.8),
@@ -221,8 +222,9 @@ def tune_postprocess(predictor: Predictor, entries: Sequence[dict], grid: dict |
 
     The network runs once per image (with the predictor's ``flip_tta``); each combination then goes through the
     predictor's own rules (:meth:`Predictor.mask`, :meth:`Predictor.split_nuclei`) on the cached logits, so a row
-    scores what ``evaluate --protocol automatic`` with those settings scores. ``min_size`` sets both watersheds'.
-    The predictor's settings are restored afterwards.
+    scores what ``evaluate --protocol automatic`` with those settings scores. All but ``threshold`` are
+    ``head_postprocess`` settings: they change nothing for a network without an instance head. The predictor's
+    settings are restored afterwards.
     """
     grid = dict(POSTPROCESS_GRID if grid is None else grid)
     unknown = set(grid) - set(POSTPROCESS_GRID)
@@ -232,7 +234,7 @@ def tune_postprocess(predictor: Predictor, entries: Sequence[dict], grid: dict |
     for entry in tqdm(entries, desc="tune_postprocess: network", unit="image"):
         prepared = predictor.prepare({"image": entry["image"], "foreground": [], "background": []})
         cached.append((predictor.logits(prepared).cpu(), read_mask(entry["label"]).astype(np.int64)))
-    saved = predictor.threshold, predictor.head_postprocess, predictor.instance_postprocess
+    saved = predictor.threshold, predictor.head_postprocess
     rows = []
     try:
         for combo in itertools.product(*grid.values()):
@@ -240,7 +242,6 @@ def tune_postprocess(predictor: Predictor, entries: Sequence[dict], grid: dict |
             predictor.set_threshold(setting.get("threshold", saved[0]))
             head = {key: setting[key] for key in ("core_threshold", "min_core_size", "min_size") if key in setting}
             predictor.head_postprocess = {**saved[1], **head}
-            predictor.instance_postprocess = {**saved[2], **({"min_size": setting["min_size"]} if "min_size" in setting else {})}
             scores = []
             for logits, truth in cached:
                 mask = predictor.mask(logits)
@@ -248,7 +249,7 @@ def tune_postprocess(predictor: Predictor, entries: Sequence[dict], grid: dict |
             rows.append({**setting, **{key: float(np.mean([s[key] for s in scores])) for key in ("dice", "aji", "pq", "f1")}})
     finally:
         predictor.set_threshold(saved[0])
-        predictor.head_postprocess, predictor.instance_postprocess = saved[1], saved[2]
+        predictor.head_postprocess = saved[1]
     return sorted(rows, key=lambda row: row["aji"], reverse=True)
 
 

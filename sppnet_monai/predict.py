@@ -123,7 +123,7 @@ class Predictor:
             self.load_image = parser.get_parsed_content("load_image")
             self.prompt_preprocessing = parser.get_parsed_content("prompt_preprocessing")
             self.inferer = parser.get_parsed_content("inferer")
-            self.threshold = float(parser.get_parsed_content("threshold"))
+            self.set_threshold(parser.get_parsed_content("threshold"))
             self.amp = bool(parser.get_parsed_content("amp"))
             self.cpu_bf16 = bool(parser.get_parsed_content("cpu_bf16", default=False))
         except Exception as err:  # MONAI's parser wraps the user's error (a bad checkpoint, size...) in its own
@@ -134,7 +134,6 @@ class Predictor:
         # The click encoding without the image-level AutoClickd: on slide tiles every window chooses its own
         # automatic click (the inferer's rule), so that a nucleus does not depend on the tile that saw it.
         self.click_encoding = Compose([t for t in self.prompt_preprocessing.transforms if not isinstance(t, AutoClickd)])
-        self.set_threshold(self.threshold)
         self.instance_postprocess = dict(parser.get_parsed_content("instance_postprocess"))
         self.head_postprocess = dict(parser.get_parsed_content("head_postprocess", default={}))
         self.slide_inference = dict(parser.get_parsed_content("slide_inference", default={}))  # SlideSegmenter's arguments

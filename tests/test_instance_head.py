@@ -169,11 +169,11 @@ def test_tune_postprocess_scores_what_evaluate_scores(tmp_path):
     torch.save(SPPNet(image_size=64, instance_head="distance").state_dict(), tmp_path / "model.pt")
     ckpt = str(tmp_path / "model.pt")
     predictor = Predictor(ckpt)
-    before = (predictor.threshold, dict(predictor.head_postprocess))
+    before = (predictor.threshold, dict(predictor.head_postprocess), dict(predictor.instance_postprocess))
     grid = {"threshold": (0.45, 0.5), "core_threshold": (0.3, 0.7), "min_core_size": (4,), "min_size": (10,)}
     rows = tune_postprocess(predictor, datalist_split(str(data), "validation"), grid)
     assert len(rows) == 4 and [r["aji"] for r in rows] == sorted((r["aji"] for r in rows), reverse=True)
-    assert (predictor.threshold, predictor.head_postprocess) == before  # restored
+    assert (predictor.threshold, predictor.head_postprocess, predictor.instance_postprocess) == before  # restored
     row = next(r for r in rows if (r["threshold"], r["core_threshold"]) == (0.45, 0.3))
     head = {"core_threshold": 0.3, "min_core_size": 4, "min_size": 10}
     scored = run_evaluate(str(data), str(tmp_path / "e"), ckpt, protocol="automatic", threshold=0.45, head_postprocess=head)

@@ -190,10 +190,10 @@ class SPPNet(nn.Module):
             False: the embedding is Tiny-ViT's alone, as in checkpoints before 0.8.
         eighth_skip: with ``conv_embedding``, its 1/8 features join SAM's output upscaling at 1/8 (after the
             first transposed convolution and its norm), the one U-Net skip the decoder lacked: every scale from
-            1/16 to the masks' then has a convolutional feature. No weights of its own. False: as before 0.9.
+            1/16 to the masks' then has a convolutional feature. No weights of its own. False: as before 0.8.1.
         full_resolution_chans: with ``mask_stride`` 1, the channels of the full-resolution level (LLSIE, the last
             upscaling stage and its units, the hypernetwork product); the U-Net baseline has 32 there. 16: as
-            before 0.9.
+            before 0.8.1.
     """
 
     in_channels = 5
