@@ -3,7 +3,7 @@
 from sppnet_monai.workflows.datasets import datalist_split, dataset_folder, ensure_demo_dataset, image_datalist
 from sppnet_monai.workflows.errors import report_user_errors
 from sppnet_monai.workflows.handlers import LearningRateTensorBoardHandler, PromptOverlayTensorBoardHandler, ReseedRandomTransforms, ResumableTrainingState
-from sppnet_monai.workflows.setup import compute_device, load_pretrained, load_state_dict_file, load_trained, reuse_freed_memory, trained_setting, use_all_cpu_cores
+from sppnet_monai.workflows.setup import compute_device, load_pretrained, load_state_dict_file, load_trained, parameter_groups, reuse_freed_memory, trained_setting, use_all_cpu_cores
 
 __all__ = [
     "LearningRateTensorBoardHandler",
@@ -18,6 +18,7 @@ __all__ = [
     "load_pretrained",
     "load_state_dict_file",
     "load_trained",
+    "parameter_groups",
     "report_user_errors",
     "reuse_freed_memory",
     "trained_setting",

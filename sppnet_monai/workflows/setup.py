@@ -64,6 +64,27 @@ def load_pretrained(net: nn.Module, mobilesam_checkpoint: str | None = None, sam
     return net
 
 
+# SPPNet's transformers: the Tiny-ViT image encoder and SAM's two-way transformer (parameter-name prefixes).
+TRANSFORMER_PREFIXES = ("image_encoder.", "mask_decoder.transformer.")
+
+
+def parameter_groups(net: nn.Module, learning_rate: float, transformer_lr_factor: float = 1.0) -> list[dict]:
+    """The optimizer's parameter groups: the transformers' parameters (:data:`TRANSFORMER_PREFIXES`) at
+    ``learning_rate * transformer_lr_factor``, every other one at ``learning_rate``.
+
+    One group (every parameter, as ``net.parameters()`` gives them) when the factor is 1 or ``net`` has no
+    transformer (the U-Net baseline), so the optimizer state of earlier runs still resumes.
+    """
+    if not transformer_lr_factor > 0:
+        raise SPPNetError(f"transformer_lr_factor must be above 0, got {transformer_lr_factor!r}")
+    named = list(net.named_parameters())
+    transformer = [param for name, param in named if name.startswith(TRANSFORMER_PREFIXES)]
+    if transformer_lr_factor == 1 or not transformer:
+        return [{"params": [param for _, param in named], "lr": learning_rate}]
+    rest = [param for name, param in named if not name.startswith(TRANSFORMER_PREFIXES)]
+    return [{"params": rest, "lr": learning_rate}, {"params": transformer, "lr": learning_rate * transformer_lr_factor}]
+
+
 _REQUIRED = object()
 
 
