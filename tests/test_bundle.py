@@ -244,6 +244,33 @@ def test_resume_refuses_another_transformer_learning_rate(trained, dataset, tmp_
     assert "transformer_lr_factor '1.0' -> '0.5'" in _one_line_error(workflow)
 
 
+def test_transformers_train_at_their_own_learning_rate():
+    """train.json's optimizer: Tiny-ViT and SAM's two-way transformer at learning_rate * transformer_lr_factor, the
+    rest at learning_rate, each decayed by the cosine schedule; factor 1 keeps one group of every parameter."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json")])
+    parser.update({"image_size": 64, "transformer_lr_factor": 0.2, "max_epochs": 4})
+    optimizer = parser.get_parsed_content("optimizer")
+    network = parser.get_parsed_content("network")
+    rest, transformers = optimizer.param_groups
+    assert rest["lr"] == pytest.approx(5e-4) and transformers["lr"] == pytest.approx(1e-4)
+    by_id = {id(param): name for name, param in network.named_parameters()}
+    names = [by_id[id(param)] for param in transformers["params"]]
+    assert any(name.startswith("image_encoder.") for name in names) and any(name.startswith("mask_decoder.transformer.") for name in names)
+    assert all(name.startswith(("image_encoder.", "mask_decoder.transformer.")) for name in names)
+    assert len(rest["params"]) + len(names) == len(by_id)
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    optimizer.step()
+    scheduler.step()
+    assert transformers["lr"] / rest["lr"] == pytest.approx(0.2, rel=0.05)  # (eta_min bends the ratio a little)
+
+    single = parameter_groups(network, 5e-4, 1.0)
+    assert len(single) == 1 and [id(p) for p in single[0]["params"]] == [id(p) for p in network.parameters()]
+    assert len(parameter_groups(BasicUNet(spatial_dims=2, in_channels=5, out_channels=1), 5e-4, 0.2)) == 1
+    with pytest.raises(SPPNetError, match="transformer_lr_factor must be above 0, got 0"):
+        parameter_groups(network, 5e-4, 0)
+
+
 def test_resume_of_a_run_saved_before_a_setting_existed(trained, dataset, tmp_path):
     """A run saved before residual_units had them at 0: resuming it with units is another recipe, said in one line."""
     (tmp_path / "models").mkdir()
