@@ -19,9 +19,9 @@ from monai.utils import BundleProperty
 
 from sppnet_monai.data.prepare import prepare_demo
 from sppnet_monai.networks import RECIPE_KEYS, SPPNet
-from sppnet_monai.networks.checkpoints import load_checkpoint
+from sppnet_monai.networks.checkpoints import load_checkpoint, read_state_dict
 from sppnet_monai.utils import SPPNetError, user_error
-from sppnet_monai.workflows import parameter_groups
+from sppnet_monai.workflows import WeightAverage, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -271,18 +271,88 @@ def test_transformers_train_at_their_own_learning_rate():
         parameter_groups(network, 5e-4, 0)
 
 
-def test_resume_of_a_run_saved_before_a_setting_existed(trained, dataset, tmp_path):
-    """A run saved before residual_units had them at 0: resuming it with units is another recipe, said in one line."""
+@pytest.mark.parametrize("missing, settings, refusal", [
+    ("residual_units", {"mask_stride": 1, "residual_units": 2}, "residual_units '0' -> '2'"),
+    ("transformer_lr_factor", {"transformer_lr_factor": 0.5}, "transformer_lr_factor '1.0' -> '0.5'"),
+    ("ema_decay", {"ema_decay": 0.9}, "ema_decay '0.0' -> '0.9'"),
+])
+def test_resume_of_a_run_saved_before_a_setting_existed(trained, dataset, tmp_path, missing, settings, refusal):
+    """A run saved before a setting existed had its default: resuming it with another value is another recipe, said in one line."""
     (tmp_path / "models").mkdir()
     for path in (trained / "models").glob("checkpoint_epoch=*.pt"):
         state = torch.load(path, map_location="cpu", weights_only=False)
-        state["recipe"].pop("residual_units")
+        state["recipe"].pop(missing)
         torch.save(state, tmp_path / "models" / path.name)
     workflow = ConfigWorkflow(
         config_file=TRAIN, meta_file=META, logging_file=LOGGING, workflow_type="train",
-        bundle_root=str(tmp_path), dataset_dir=str(dataset), mask_stride=1, residual_units=2, **TINY,
+        bundle_root=str(tmp_path), dataset_dir=str(dataset), **settings, **TINY,
     )
-    assert "residual_units '0' -> '2'" in _one_line_error(workflow)
+    assert refusal in _one_line_error(workflow)
+
+
+def test_weight_average_follows_each_step_after_its_warm_up():
+    """The average copies the first step, then moves (1 - decay) of the way to each new weight; decay 0 is off."""
+    from ignite.engine import Engine
+
+    network = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    average = WeightAverage(network, decay=0.5, warmup_power=1.0)
+
+    def step(engine, batch):
+        with torch.no_grad():
+            network.weight += 1.0  # an optimizer step: the weight goes 1, 2, 3
+
+    engine = Engine(step)
+    average.attach(engine)
+    engine.run([0, 1, 2], max_epochs=1)
+    # step 1 copies (1); step 2: 0.5 * 1 + 0.5 * 2 = 1.5; step 3: 0.5 * 1.5 + 0.5 * 3 = 2.25
+    assert average.network.weight.item() == pytest.approx(2.25)
+    assert network.weight.item() == pytest.approx(3.0) and average.network is not network
+
+    off = WeightAverage(network, decay=0.0)
+    assert off.network is network and off.average is None
+    with pytest.raises(SPPNetError, match="ema_decay 1.0: must be in"):
+        WeightAverage(network, decay=1.0)
+
+
+def test_training_with_a_weight_average_validates_saves_and_resumes_it(dataset, tmp_path):
+    """ema_decay > 0: validation scores the average, model.pt and the epoch checkpoints hold it, a resume restores it."""
+    def workflow(max_epochs: int) -> ConfigWorkflow:
+        return ConfigWorkflow(
+            config_file=TRAIN, meta_file=META, logging_file=LOGGING, workflow_type="train",
+            bundle_root=str(tmp_path), dataset_dir=str(dataset), ema_decay=0.9, **{**TINY, "max_epochs": max_epochs},
+        )
+
+    first = workflow(2)
+    first.initialize()
+    average = first.parser.get_parsed_content("weight_average")
+    assert first.parser.get_parsed_content("validate#evaluator").network is average.network is not first.parser.get_parsed_content("network")
+    first.run()
+    first.finalize()
+    state = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)
+    assert state["recipe"]["ema_decay"] == "0.9"
+    averaged = {key[len("module."):]: value for key, value in state["weight_average"].items()}
+    trained_weights = state["network"]
+    moved = [key for key, value in trained_weights.items() if torch.is_tensor(value) and not torch.equal(value, averaged[key])]
+    assert moved, "the average is the training network itself"
+    # A training checkpoint is read through its average, as released and as model.pt holds it.
+    read = read_state_dict(tmp_path / "models" / "checkpoint_epoch=2.pt")
+    assert all(torch.equal(read[key], averaged[key]) for key in moved)
+    load_checkpoint(SPPNet(image_size=64), tmp_path / "models" / "model.pt")
+
+    from ignite.engine import Events
+
+    second = workflow(3)
+    second.initialize()
+    restored = {}
+    # After the resume's CheckpointLoader (attached when the trainer was built), before any step of epoch 3.
+    second.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.STARTED, lambda engine: restored.update(
+            {key: value.clone() for key, value in second.parser.get_parsed_content("weight_average").network.named_parameters()}))
+    second.run()
+    second.finalize()
+    assert all(torch.equal(restored[key], averaged[key]) for key in moved)
+    assert (tmp_path / "models" / "checkpoint_epoch=3.pt").is_file()
 
 
 def test_validation_clicks_are_redrawn_identically_each_run():
@@ -344,11 +414,11 @@ def test_multi_gpu_handlers_of_each_rank(monkeypatch, dataset, tmp_path, rank):
     if rank == 0:
         assert val_names == ["ReseedRandomTransforms", "StatsHandler", "TensorBoardStatsHandler",
                              "PromptOverlayTensorBoardHandler", "CheckpointSaver", "EarlyStopHandler"]
-        assert train_names == ["LrScheduleHandler", "ValidationHandler", "StatsHandler", "TensorBoardStatsHandler",
+        assert train_names == ["LrScheduleHandler", "WeightAverage", "ValidationHandler", "StatsHandler", "TensorBoardStatsHandler",
                                "LearningRateTensorBoardHandler", "ResumableTrainingState"]
     else:
         assert val_names == ["ReseedRandomTransforms", "EarlyStopHandler"]
-        assert train_names == ["LrScheduleHandler", "ValidationHandler", "ResumableTrainingState"]
+        assert train_names == ["LrScheduleHandler", "WeightAverage", "ValidationHandler", "ResumableTrainingState"]
     assert train_handlers[-1].save == (rank == 0)  # only rank 0 writes checkpoints
     # every rank reseeds the very transform its validation loader draws clicks with
     assert val_handlers[0].transform is parser.get_parsed_content("validate#dataset").transform

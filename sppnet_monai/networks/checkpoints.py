@@ -69,8 +69,10 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     except Exception as err:  # torch raises many types for unreadable files
         # from None: a traceback would repeat torch's advice to load the file with weights_only=False.
         raise SPPNetError(f"{path}: not a PyTorch checkpoint ({_unreadable_reason(path, err)}).") from None
-    for wrapper in ("network", "model", "state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+    # A training checkpoint with a weight average (WeightAverage) is read through the average: it is what
+    # validation scored and model.pt holds.
+    for wrapper in ("weight_average", "network", "model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping) and obj[wrapper]:
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(
         isinstance(v, torch.Tensor) or k.endswith(EXTRA_STATE_KEY) for k, v in obj.items()

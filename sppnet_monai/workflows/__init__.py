@@ -1,8 +1,8 @@
-"""What the bundle configs call: dataset resolution, pretrained weights, resuming, TensorBoard handlers."""
+"""What the bundle configs call: dataset resolution, pretrained weights, resuming, weight averaging, TensorBoard handlers."""
 
 from sppnet_monai.workflows.datasets import datalist_split, dataset_folder, ensure_demo_dataset, image_datalist
 from sppnet_monai.workflows.errors import report_user_errors
-from sppnet_monai.workflows.handlers import LearningRateTensorBoardHandler, PromptOverlayTensorBoardHandler, ReseedRandomTransforms, ResumableTrainingState
+from sppnet_monai.workflows.handlers import LearningRateTensorBoardHandler, PromptOverlayTensorBoardHandler, ReseedRandomTransforms, ResumableTrainingState, WeightAverage
 from sppnet_monai.workflows.setup import compute_device, load_pretrained, load_state_dict_file, load_trained, parameter_groups, reuse_freed_memory, trained_setting, use_all_cpu_cores
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "PromptOverlayTensorBoardHandler",
     "ReseedRandomTransforms",
     "ResumableTrainingState",
+    "WeightAverage",
     "compute_device",
     "datalist_split",
     "dataset_folder",

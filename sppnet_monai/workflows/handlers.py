@@ -1,4 +1,4 @@
-"""Ignite handlers the bundle adds to MONAI's: resuming, reseeded validation, learning rate and prompt overlays in TensorBoard."""
+"""Ignite handlers the bundle adds to MONAI's: resuming, weight averaging, reseeded validation, learning rate and prompt overlays in TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Mapping, Optional
 
 import torch
 from ignite.engine import Engine, Events
+from timm.utils import ModelEmaV3
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.transforms import Randomizable
 from monai.utils import convert_to_numpy
@@ -19,6 +20,10 @@ from sppnet_monai.utils import SPPNetError
 from sppnet_monai.visualize import prompt_overlay
 
 logger = logging.getLogger(__name__)
+
+# Training settings a checkpoint's recipe may predate, at the value every run had before the setting existed
+# (strings, as _Recipe saves them); the network's own settings get theirs from with_recipe_defaults.
+TRAINING_RECIPE_DEFAULTS = {"transformer_lr_factor": "1.0", "ema_decay": "0.0"}
 
 _EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
@@ -96,7 +101,8 @@ class ResumableTrainingState:
         save: bool = True,
     ) -> None:
         self.ckpt_dir = ckpt_dir
-        self.save_dict = dict(save_dict)
+        # None stands for a part switched off in this recipe (no weight average): nothing to save or load.
+        self.save_dict = {key: value for key, value in save_dict.items() if value is not None}
         self.validation_state = {key: _HandlerState(handler) for key, handler in (validation_state or {}).items()}
         self.recipe = _Recipe(recipe or {})
         self.map_location = map_location
@@ -111,6 +117,7 @@ class ResumableTrainingState:
             raise SPPNetError(f"{path}: cannot be read to resume from ({err}); delete it or use another bundle_root") from err
         # A network setting added since that run was saved: the run had its default (strings, as _Recipe saves them).
         saved = {key: str(value) for key, value in with_recipe_defaults(saved).items()}
+        saved = {**TRAINING_RECIPE_DEFAULTS, **saved} if saved else saved
         changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in self.recipe.recipe.items() if key in saved and saved[key] != value]
         if changed:
             raise SPPNetError(
@@ -129,6 +136,37 @@ class ResumableTrainingState:
             CheckpointLoader(load_path=str(path), load_dict=state, map_location=self.map_location).attach(engine)
         if self.save:
             CheckpointSaver(save_dir=self.ckpt_dir, save_dict=state, save_interval=1, n_saved=1, epoch_level=True).attach(engine)
+
+
+class WeightAverage:
+    """An exponential moving average of the training network's parameters (timm's :class:`ModelEmaV3`),
+    updated after every optimizer step; ``network`` is what validation scores and ``model.pt`` keeps.
+    Buffers (batch-norm statistics) are copied from the training network: they already average recent
+    batches, and SPPNet's state holds its recipe, which cannot be averaged.
+
+    ``decay`` is per iteration; its warm-up (``1 - (1 + step) ** -warmup_power``, capped at ``decay``)
+    keeps the first steps from being averaged with the random initial weights. ``decay`` 0 switches it
+    off: ``network`` is then the training network itself and ``average`` is None.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float = 0.0, warmup_power: float = 1.0) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise SPPNetError(f"ema_decay {decay!r}: must be in [0, 1), 0 to train without a weight average")
+        # A DistributedDataParallel wrapper is not copied: every rank averages its own (identical) module.
+        self.source = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+        self.average = ModelEmaV3(
+            self.source, decay=decay, use_warmup=True, warmup_power=warmup_power, exclude_buffers=True) if decay > 0 else None
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.source if self.average is None else self.average.module
+
+    def attach(self, engine: Engine) -> None:
+        if self.average is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.average.update(self.source, step=engine.state.iteration)
 
 
 class ReseedRandomTransforms:
