@@ -5,8 +5,9 @@ taken as roughly convex, so the distance to the background peaks once inside eac
 at the neck where they touch: watershed on the negated distance, seeded at its peaks, cuts the
 blob at those necks (:func:`instances_from_semantic`). A network with an instance head draws the
 cut itself (:func:`instances_from_head`): the mask minus its predicted contours (DCAN, Chen et al.
-CVPR 2016; CDNet, He et al. ICCV 2021), or the top of its predicted per-nucleus distance map (Naylor
-et al., IEEE TMI 2019), leaves one core per nucleus, which seeds the watershed.
+CVPR 2016; CDNet, He et al. ICCV 2021), the top of its predicted per-nucleus distance map (Naylor
+et al., IEEE TMI 2019), or the mask minus the edges of its horizontal and vertical maps (HoVer-Net,
+Graham et al., MedIA 2019), leaves one core per nucleus, which seeds the watershed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from scipy import ndimage
 from skimage import feature, morphology, segmentation
 
 from sppnet_monai.data.instances import binary_to_instances, relabel_consecutive
+from sppnet_monai.networks.sppnet import INSTANCE_HEAD_CHANNELS
 from sppnet_monai.utils import SPPNetError
 
-__all__ = ["instances_from_head", "instances_from_semantic"]
+__all__ = ["hover_edges", "instances_from_head", "instances_from_semantic"]
+
+# Scale of the Gaussian derivative that reads edges off HoVer-Net maps: one pixel, the width of the jump
+# between two touching nuclei in the target, wide enough to average a network's pixel noise.
+HOVER_EDGE_SIGMA = 1.0
 
 
 def _seeds(
@@ -146,6 +152,27 @@ def instances_from_semantic(
     return _finish(labels, mask, min_size)
 
 
+def hover_edges(maps: np.ndarray, sigma: float = HOVER_EDGE_SIGMA) -> np.ndarray:
+    """``(H, W)`` float32 in 0..1, how steeply HoVer-Net's maps fall: a nucleus's horizontal map rises from -1 to
+    +1 left to right and its vertical map top to bottom, so each falls only across a nucleus's edge (by 2 in a
+    pixel where two nuclei touch). The fall per pixel along its own axis (a 1-D Gaussian derivative), the larger of
+    the two, clipped to 0..1: a boundary map for :func:`instances_from_head`.
+
+    HoVer-Net min-max normalises a 21x21 Sobel response per image instead; an absolute slope does not depend on
+    what else is in the image.
+
+    Args:
+        maps: ``(2, H, W)`` the head's horizontal and vertical maps after the sigmoid (0..1, 0.5 = centre line).
+        sigma: the Gaussian's standard deviation, pixels.
+    """
+    horizontal, vertical = 2 * np.asarray(maps, dtype=np.float32) - 1
+    # Along each map's own axis only: smoothing across it would blur a nucleus's edge into the background at
+    # its corners and join touching nuclei's cores there.
+    fall_x = -ndimage.gaussian_filter1d(horizontal, sigma, axis=1, order=1)
+    fall_y = -ndimage.gaussian_filter1d(vertical, sigma, axis=0, order=1)
+    return np.clip(np.maximum(fall_x, fall_y), 0.0, 1.0).astype(np.float32)
+
+
 def instances_from_head(
     mask: np.ndarray,
     head: np.ndarray,
@@ -157,15 +184,16 @@ def instances_from_head(
     """Split a nuclei mask into nuclei with the map an instance head predicted (``SPPNet(instance_head=kind)``).
 
     Cores, one per nucleus, are the 4-connected components of ``mask`` where the map says "inside":
-    ``"boundary"`` probability below ``core_threshold``, or ``"distance"`` (normalised distance to the
-    nucleus border, 1 at its centre) above it. Each core seeds a watershed inside ``mask`` over the
-    boundary map, or over the negated distance map, so the rest of each nucleus joins its core and
-    touching nuclei part along the ridge (or valley) between them.
+    ``"boundary"`` probability below ``core_threshold``, ``"distance"`` (normalised distance to the
+    nucleus border, 1 at its centre) above it, or ``"hv"`` maps whose :func:`hover_edges` are below it.
+    Each core seeds a watershed inside ``mask`` over the boundary map (or edges), or over the negated
+    distance map, so the rest of each nucleus joins its core and touching nuclei part along the ridge
+    (or valley) between them.
 
     Args:
         mask: ``(H, W)`` nuclei mask, non-zero = nucleus.
-        head: ``(H, W)`` the instance head's map after the sigmoid, same shape.
-        kind: ``"boundary"`` or ``"distance"``.
+        head: the instance head's maps after the sigmoid: ``(H, W)``, or ``(2, H, W)`` for ``"hv"``.
+        kind: ``"boundary"``, ``"distance"`` or ``"hv"``.
         core_threshold: where the map separates core from rim.
         min_core_size: cores with fewer pixels are dropped (noise would otherwise split a nucleus); their
             pixels join a neighbouring nucleus.
@@ -175,14 +203,18 @@ def instances_from_head(
         ``(H, W)`` int32 label map, 0 = background, nuclei numbered ``1..N``.
     """
     mask, head = np.asarray(mask) != 0, np.asarray(head, dtype=np.float32)
-    if mask.ndim != 2 or head.shape != mask.shape:
-        raise SPPNetError(f"expected a (H, W) mask and an instance map of the same shape, got {mask.shape} and {head.shape}")
-    if kind not in ("boundary", "distance"):
-        raise SPPNetError(f"kind must be 'boundary' or 'distance', got {kind!r}")
+    maps = INSTANCE_HEAD_CHANNELS.get(kind)
+    if maps is None:
+        raise SPPNetError(f"kind must be one of {tuple(INSTANCE_HEAD_CHANNELS)}, got {kind!r}")
+    expected = mask.shape if maps == 1 else (maps, *mask.shape)
+    if mask.ndim != 2 or head.shape != expected:
+        raise SPPNetError(f"expected a (H, W) mask and instance maps of shape {expected} for {kind!r}, got {mask.shape} and {head.shape}")
     if not 0 < core_threshold < 1:
         raise SPPNetError(f"core_threshold must be between 0 and 1, got {core_threshold}")
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
+    if kind == "hv":
+        head, kind = hover_edges(head), "boundary"
     inside, energy = (head < core_threshold, head) if kind == "boundary" else (head > core_threshold, -head)
     cores = _drop_small(binary_to_instances(mask & inside), min_core_size)
     labels = segmentation.watershed(energy, cores, mask=mask)

@@ -26,6 +26,7 @@ from sppnet_monai.data.image_io import write_png
 from sppnet_monai.data.instances import relabel_consecutive
 from sppnet_monai.data.slides import Region, Slide, parse_region
 from sppnet_monai.inferers import WindowLogitCache
+from sppnet_monai.networks.sppnet import INSTANCE_CHANNEL, instance_channels
 from sppnet_monai.nuclei import nuclei_records, read_jsonl, write_nuclei
 from sppnet_monai.postprocess import instances_from_head, instances_from_semantic
 from sppnet_monai.precision import autocast
@@ -271,10 +272,14 @@ class Predictor:
                 edited[nucleus & (edited == 0)] = edited.max() + 1
         return relabel_consecutive(edited, dtype=np.int32)
 
-    @staticmethod
-    def head_map(logits: torch.Tensor) -> np.ndarray | None:
-        """The instance head's map ``(H, W)`` float32 (after the sigmoid) from logits ``(C, H, W)``; None without one."""
-        return torch.sigmoid(logits[1].float()).cpu().numpy() if logits.shape[0] > 1 else None
+    def head_map(self, logits: torch.Tensor) -> np.ndarray | None:
+        """The instance head's maps float32 (after the sigmoid) from logits ``(C, H, W)``: ``(H, W)``, or ``(2, H, W)``
+        for ``"hv"``; None for a network without one."""
+        maps = instance_channels(self.instance_head)
+        if not maps or logits.shape[0] < INSTANCE_CHANNEL + maps:
+            return None
+        head = torch.sigmoid(logits[INSTANCE_CHANNEL : INSTANCE_CHANNEL + maps].float()).cpu().numpy()
+        return head[0] if maps == 1 else head
 
     def split_nuclei(self, mask: np.ndarray, head_map: np.ndarray | None = None) -> np.ndarray:
         """Instance label map ``(H, W)`` int32 of ``mask``: watershed seeded by the cores of the instance head's

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_in_out
@@ -19,7 +20,9 @@ from monai.utils import BundleProperty
 
 from sppnet_monai.data.prepare import prepare_demo
 from sppnet_monai.networks import RECIPE_KEYS, SPPNet
-from sppnet_monai.networks.checkpoints import load_checkpoint, read_state_dict
+from sppnet_monai.evaluate import run_evaluate
+from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe, read_state_dict
+from sppnet_monai.predict import Predictor
 from sppnet_monai.utils import SPPNetError, user_error
 from sppnet_monai.workflows import WeightAverage, parameter_groups
 
@@ -84,9 +87,12 @@ def test_train_workflow_writes_checkpoints(trained):
 def test_cpu_recipe_trains_an_instance_head(dataset, tmp_path):
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json")], meta_file=META, logging_file=LOGGING,
-        workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(dataset), **{**TINY, "max_epochs": 1, "crops_per_image": 1},
+        workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(dataset),
+        **{**TINY, "max_epochs": 1, "crops_per_image": 1, "zoom_prob": 1.0},  # its scale augmentation on every crop
     )
     workflow.initialize()
+    zoom = next(t for t in workflow.parser.get_parsed_content("train#spatial_transforms") if type(t).__name__ == "RandZoomd")
+    assert zoom.prob == 1.0 and (zoom.rand_zoom.min_zoom, zoom.rand_zoom.max_zoom) == ((0.8,), (1.25,))
     workflow.run()
     workflow.finalize()
     net = SPPNet(image_size=64, instance_head="distance")
@@ -96,21 +102,46 @@ def test_cpu_recipe_trains_an_instance_head(dataset, tmp_path):
     assert net(torch.zeros(1, 5, 64, 64)).shape == (1, 2, 64, 64)
 
 
-def test_shipped_recipe_trains_the_native_network_with_both_heads(dataset, tmp_path):
-    """cpu_recipe.json + native_cpu.json (the native recipe), one tiny epoch: the recipe lands in the checkpoint."""
+def _train_native_recipe(dataset: Path, root: Path, **overrides) -> None:
+    """cpu_recipe.json + native_cpu.json (the shipped recipe), one tiny epoch, into the bundle root ``root``."""
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json"), str(CONFIGS / "native_cpu.json")],
-        meta_file=META, logging_file=LOGGING, workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(dataset),
-        **{**TINY, "max_epochs": 1, "crops_per_image": 1},
+        meta_file=META, logging_file=LOGGING, workflow_type="train", bundle_root=str(root), dataset_dir=str(dataset),
+        **{**TINY, "max_epochs": 1, "crops_per_image": 1, **overrides},
     )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
+
+
+def test_shipped_recipe_trains_the_native_network_with_both_heads(dataset, tmp_path):
+    """cpu_recipe.json + native_cpu.json (the native recipe), one tiny epoch: the recipe lands in the checkpoint."""
+    _train_native_recipe(dataset, tmp_path)
     recipe = json.loads((CONFIGS / "native_cpu.json").read_text())
     net = SPPNet(image_size=64, **{key: recipe[key] for key in RECIPE_KEYS if key in recipe})
     assert net.recipe["mask_stride"] == 1 and net.instance_head == "distance" and net.click_head
     assert load_checkpoint(net, tmp_path / "models" / "model.pt") == "sppnet"
     assert net(torch.zeros(1, 5, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_native_recipe_trains_the_hover_head_and_inference_splits_nuclei_with_it(dataset, tmp_path):
+    """``instance_head hv`` (HoVer-Net's maps, two spare tokens) through training, the Predictor and evaluate."""
+    _train_native_recipe(dataset, tmp_path, instance_head="hv")
+    checkpoint = tmp_path / "models" / "model.pt"
+    assert read_recipe(checkpoint)["instance_head"] == "hv"
+    predictor = Predictor(str(checkpoint))
+    entry = json.loads((dataset / "datalist.json").read_text())["validation"][0]
+    logits = predictor.logits(predictor.prepare({"image": str(dataset / entry["image"]), "foreground": [], "background": []}))
+    assert logits.shape[0] == 4 and predictor.clicked_channel == 3  # mask, horizontal, vertical, clicked nucleus
+    head = predictor.head_map(logits)
+    assert head.shape == (2, *logits.shape[-2:]) and 0 <= head.min() and head.max() <= 1
+    mask = np.zeros(logits.shape[-2:], dtype=bool)
+    mask[10:30, 10:40] = True
+    instances = predictor.split_nuclei(mask, head)
+    assert instances.max() >= 1 and ((instances > 0) == mask).sum() >= mask.sum() - 30  # nuclei only inside the mask
+    assert not (instances[~mask]).any()
+    scores = run_evaluate(str(dataset), str(tmp_path / "evaluate"), str(checkpoint), protocol="automatic")
+    assert 0 <= scores["aji"]["mean"] <= 1
 
 
 def test_tensorboard_has_loss_metrics_lr_and_image(trained):

@@ -171,6 +171,22 @@ def click_head_bundle(tmp_path_factory) -> Path:
     return _bundle_folder(tmp_path_factory.mktemp("click_bundle"), mask_stride=1, instance_head="distance", click_head=True)
 
 
+def test_rectangle_answer_splits_with_the_two_maps_of_a_hover_head(tmp_path, image):
+    """A model with HoVer-Net's maps (two head channels): overlapping click windows merge both maps, and the
+    nuclei are split by them (the same split as the Predictor's on the merged maps)."""
+    segmenter = ClickSegmenter(_bundle_folder(tmp_path, mask_stride=1, instance_head="hv", click_head=True))
+    predictor = segmenter._model()
+    assert predictor.instance_head == "hv" and predictor.clicked_channel == 3
+    calls = []
+    split = predictor.split_nuclei
+    predictor.split_nuclei = lambda mask, head: calls.append((mask, head)) or split(mask, head)
+    mask, instances, info = segmenter.segment(image, [[40, 40], [70, 50]])
+    assert len(info["windows"]) == 2 and len(calls) == 1
+    box_mask, head = calls[0]
+    assert head.shape == (2, *box_mask.shape) and 0 <= head.min() and head.max() <= 1
+    assert not instances[~mask.astype(bool)].any() and info["nuclei_count"] == instances.max()
+
+
 def test_click_tool_answers_with_the_clicked_nucleus_alone(click_head_bundle, image):
     """With clicked_only (the click tool), the answer is the click head's nucleus under the click, one per click."""
     segmenter = ClickSegmenter(click_head_bundle)

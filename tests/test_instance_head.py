@@ -12,10 +12,10 @@ from monai.inferers import SlidingWindowInferer
 
 from sppnet_monai.data.prepare import prepare_demo
 from sppnet_monai.evaluate import run_evaluate, tune_postprocess, window_grid
-from sppnet_monai.losses import MaskInstanceLoss
-from sppnet_monai.networks import INSTANCE_CHANNEL, MASK_CHANNEL, SPPNet
+from sppnet_monai.losses import MaskInstanceLoss, hover_map_loss
+from sppnet_monai.networks import INSTANCE_CHANNEL, MASK_CHANNEL, SPPNet, clicked_channel
 from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe, read_release, save_release
-from sppnet_monai.postprocess import instances_from_head, instances_from_semantic
+from sppnet_monai.postprocess import hover_edges, instances_from_head, instances_from_semantic
 from sppnet_monai.predict import DEFAULT_CONFIG, Predictor
 from sppnet_monai.transforms import NucleiInstanceTarget, NucleiInstanceTargetd, RandHEDJitterd
 from sppnet_monai.utils import SPPNetError
@@ -50,6 +50,21 @@ def test_instance_target_separates_touching_nuclei(kind):
         assert instance_map.max() == 1.0 and (instance_map[4:12, 10:12] < 0.3).all(), "a valley where they touch"
 
 
+def test_hover_maps_run_from_minus_one_to_one_across_each_nucleus_and_jump_where_two_touch():
+    targets = NucleiInstanceTarget("hv")(touching_nuclei()[None], click=(5, 6), clicked=True)
+    assert targets.shape == (5, 16, 24)  # nuclei, horizontal, vertical, weight, clicked nucleus
+    horizontal, vertical = 2 * targets[1:3] - 1
+    outside = touching_nuclei() == 0
+    assert (horizontal[outside] == 0).all() and (vertical[outside] == 0).all()
+    row = horizontal[8, 3:19]
+    np.testing.assert_allclose(row[[0, 7, 8, 15]], [-1, 1, -1, 1])  # each nucleus left to right, a jump of 2 between
+    assert (np.diff(row[:8]) > 0).all() and (np.diff(row[8:]) > 0).all()
+    np.testing.assert_allclose(vertical[[3, 12], 6], [-1, 1])
+    np.testing.assert_array_equal(targets[4], touching_nuclei() == 1)  # the click is on the left nucleus
+    edges = hover_edges(targets[1:3])
+    assert edges[4:12, 10:12].min() > 0.5 and edges[5:11, 4:9].max() == 0, "an edge where they touch, none inside"
+
+
 def test_instance_target_is_ignored_where_nuclei_come_from_a_binary_mask():
     d = NucleiInstanceTargetd("label")({"label": touching_nuclei()[None], "instances": "connected_components"})
     assert (d["label"][2] == 0).all()
@@ -57,6 +72,22 @@ def test_instance_target_is_ignored_where_nuclei_come_from_a_binary_mask():
     assert isinstance(d["label"], torch.Tensor) and (d["label"][2] == 1).all()
     with pytest.raises(ValueError, match="kind"):
         NucleiInstanceTarget("contour")
+
+
+def test_hover_loss_is_zero_for_the_target_and_learns_only_where_instances_are_known():
+    target = torch.as_tensor(np.stack([NucleiInstanceTarget("hv")(touching_nuclei()[None], click=(5, 6), clicked=True)] * 2))
+    target[1, 3] = 0  # the second sample's instances are unknown
+    loss = MaskInstanceLoss("dice_ce", clicked_channel=clicked_channel("hv", True), instance_head="hv")
+    exact = torch.logit(target[:, 1:3].clamp(1e-6, 1 - 1e-6))
+    assert hover_map_loss(exact, target[:, 1:3], target[:, 3:4], target[:, :1]) < 1e-6
+    pred = torch.randn(2, 4, 16, 24, requires_grad=True)
+    loss(pred, target).backward()
+    assert pred.grad[0, 1:3].abs().sum() > 0 and pred.grad[1, 1:3].abs().sum() == 0
+    assert pred.grad[1, 0].abs().sum() > 0 and pred.grad[1, 3].abs().sum() > 0  # mask and click head: every image
+    with pytest.raises(ValueError, match="instance head 'hv'"):
+        loss(pred[:, :3], target)
+    with pytest.raises(ValueError, match="instance_head must say"):
+        MaskInstanceLoss("dice_ce", clicked_channel=3)(pred, target)
 
 
 def test_loss_learns_the_instance_map_only_where_it_is_known():
@@ -73,20 +104,21 @@ def test_loss_learns_the_instance_map_only_where_it_is_known():
         MaskInstanceLoss("focal")
 
 
-@pytest.mark.parametrize("kind", ["boundary", "distance"])
+@pytest.mark.parametrize("kind", ["boundary", "distance", "hv"])
 def test_watershed_on_the_head_map_separates_what_the_distance_watershed_merges(kind):
     labels = np.zeros((20, 40), dtype=np.int32)
     labels[4:16, 4:20] = 1  # two 12x16 rectangles sharing an edge: no neck for the distance transform
     labels[4:16, 20:36] = 2
-    head = NucleiInstanceTarget(kind)(labels[None])[1]
+    head = NucleiInstanceTarget(kind)(labels[None])[1:-1]  # between the nuclei and the weight
+    head = head[0] if len(head) == 1 else head
     from sppnet_monai.metrics import aggregated_jaccard_index
 
     assert instances_from_semantic(labels > 0).max() == 1
     split = instances_from_head(labels > 0, head, kind)
     assert split.max() == 2 and aggregated_jaccard_index(split, labels) == 1.0
-    assert instances_from_head(np.zeros((8, 8)), np.zeros((8, 8)), kind).max() == 0
-    with pytest.raises(SPPNetError, match="same shape"):
-        instances_from_head(labels > 0, head[:5], kind)
+    assert instances_from_head(np.zeros((8, 8)), np.zeros(head.shape[:-2] + (8, 8)), kind).max() == 0
+    with pytest.raises(SPPNetError, match="instance maps of shape"):
+        instances_from_head(labels > 0, head[..., :5, :], kind)
 
 
 def test_network_with_instance_head_outputs_two_channels_and_loads_old_checkpoints(tmp_path):

@@ -20,11 +20,12 @@ def _image(batch: int, size: int, click=(20, 30)) -> torch.Tensor:
     return image
 
 
-@pytest.mark.parametrize("mask_stride", [1, 2])
-def test_native_output_shape_and_gradient(mask_stride):
-    net = SPPNet(image_size=64, mask_stride=mask_stride, instance_head="distance", click_head=True)
+@pytest.mark.parametrize("mask_stride,instance_head", [(1, "distance"), (2, "distance"), (1, "hv")])
+def test_native_output_shape_and_gradient(mask_stride, instance_head):
+    net = SPPNet(image_size=64, mask_stride=mask_stride, instance_head=instance_head, click_head=True)
     out = net(_image(2, 64))
-    assert out.shape == (2, 3, 64, 64) and net.out_channels == 3 and net.clicked_channel == 2
+    channels = {"distance": 3, "hv": 4}[instance_head]  # mask, the instance maps (hv: two spare tokens), clicked nucleus
+    assert out.shape == (2, channels, 64, 64) and net.out_channels == channels and net.clicked_channel == channels - 1
     # The decoder draws the masks at 1 / mask_stride: no interpolation when it is 1.
     low_res = net.predict(_image(1, 64)[:, :3], torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]])).low_res_masks
     assert low_res.shape[-1] == 64 // mask_stride

@@ -314,9 +314,9 @@ class ClickSegmenter:
                 window_head = None if clicked_only else predictor.head_map(logits)
                 if window_head is not None:
                     # Windows of several clicks overlap: the union of their masks, the larger head value
-                    # (the union rule of several prompts, applied to the head's map too).
-                    head_map = np.zeros((height, width), dtype=np.float32) if head_map is None else head_map
-                    region = head_map[y0 : y0 + h, x0 : x0 + w]
+                    # (the union rule of several prompts, applied to the head's maps too).
+                    head_map = np.zeros((*window_head.shape[:-2], height, width), dtype=np.float32) if head_map is None else head_map
+                    region = head_map[..., y0 : y0 + h, x0 : x0 + w]
                     np.maximum(region, window_head, out=region)
                 summary.append(
                     {
@@ -336,7 +336,7 @@ class ClickSegmenter:
         if clicked_only:  # a nucleus answered by two windows keeps one id; ids renumbered 1..N
             instances = relabel_consecutive(clicked, dtype=np.int32)
         else:
-            instances[box] = predictor.split_nuclei(mask[box], None if head_map is None else head_map[box])
+            instances[box] = predictor.split_nuclei(mask[box], None if head_map is None else head_map[(..., *box)])
         info = {
             "image_size": [width, height],
             "windows": summary,

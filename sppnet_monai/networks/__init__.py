@@ -16,6 +16,7 @@ from sppnet_monai.networks.sppnet import (
     clicked_channel,
     clicks_from_guidance,
     denormalize_rgb,
+    instance_channels,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "clicked_channel",
     "clicks_from_guidance",
     "denormalize_rgb",
+    "instance_channels",
 ]

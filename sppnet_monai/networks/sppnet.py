@@ -38,6 +38,7 @@ __all__ = [
     "clicked_channel",
     "clicks_from_guidance",
     "denormalize_rgb",
+    "instance_channels",
 ]
 
 # Point labels of SAM's prompt encoder: -1 marks a padding point ("no click").
@@ -60,16 +61,23 @@ RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_he
 # What a checkpoint saved before a recipe key existed was built with (its absence means this value).
 RECIPE_DEFAULTS = {"fusion": "add", "instance_head": None, "mask_stride": 4, "click_head": False, "residual_units": 0, "mask_scale_units": 0, "conv_embedding": False, "eighth_skip": False, "full_resolution_chans": FULL_RESOLUTION_CHANS}
 
-# What the instance head predicts (see SPPNet): nucleus contours, or each nucleus's normalised distance map.
-INSTANCE_HEADS = ("boundary", "distance")
-# Output channels: nuclei mask logits, then the instance head's logits (when it has one), then the clicked
-# nucleus's logits (with a click head; see clicked_channel).
+# What the instance head predicts (see SPPNet): nucleus contours, each nucleus's normalised distance map, or
+# HoVer-Net's horizontal and vertical maps; and how many output channels (spare mask tokens) each takes.
+INSTANCE_HEAD_CHANNELS = {"boundary": 1, "distance": 1, "hv": 2}
+INSTANCE_HEADS = tuple(INSTANCE_HEAD_CHANNELS)
+# Output channels: nuclei mask logits, then the instance head's logits (when it has one: from INSTANCE_CHANNEL,
+# instance_channels of them), then the clicked nucleus's logits (with a click head; see clicked_channel).
 MASK_CHANNEL, INSTANCE_CHANNEL = 0, 1
 
 
+def instance_channels(instance_head: Optional[str]) -> int:
+    """Output channels of the instance head ``instance_head`` (0 for None)."""
+    return INSTANCE_HEAD_CHANNELS[instance_head] if instance_head is not None else 0
+
+
 def clicked_channel(instance_head: Optional[str], click_head: bool) -> Optional[int]:
-    """Output channel of the clicked nucleus: after the mask and the instance head's map; None without a click head."""
-    return 1 + int(instance_head is not None) if click_head else None
+    """Output channel of the clicked nucleus: after the mask and the instance head's maps; None without a click head."""
+    return 1 + instance_channels(instance_head) if click_head else None
 
 
 class ImageFeatures(NamedTuple):
@@ -167,9 +175,11 @@ class SPPNet(nn.Module):
         drop_path_rate: stochastic depth in the image encoder.
         instance_head: also predict, from the first spare mask token of SAM's decoder (output
             channel ``INSTANCE_CHANNEL``), a map that separates touching nuclei: ``"boundary"``, each
-            nucleus's contour (DCAN, CDNet), or ``"distance"``, each nucleus's distance to its own
-            border normalised to 1 at its centre (Naylor et al., HoVer-Net's idea in one channel),
-            whose cores seed the watershed (:mod:`~sppnet_monai.postprocess`). None: the mask alone.
+            nucleus's contour (DCAN, CDNet), ``"distance"``, each nucleus's distance to its own
+            border normalised to 1 at its centre (Naylor et al., HoVer-Net's idea in one channel), or
+            ``"hv"``, HoVer-Net's horizontal and vertical distances to each nucleus's centre (two
+            channels, two spare tokens), whose cores seed the watershed (:mod:`~sppnet_monai.postprocess`).
+            None: the mask alone.
             Same weights and keys either way, so any SPPNet checkpoint loads into any of them.
         mask_stride: the decoder's masks are at ``1 / mask_stride`` of the input: 4 is SAM's decoder
             (64x64 logits for a 256 window); 2 or 1 add upscaling stages fed by LLSIE at full
@@ -266,7 +276,7 @@ class SPPNet(nn.Module):
         )
         self.mask_decoder = SPPMaskDecoder(
             fusion=fusion,
-            extra_outputs=int(instance_head is not None) + int(bool(click_head)),
+            extra_outputs=instance_channels(instance_head) + int(bool(click_head)),
             upscaling_stages=stages,
             residual_units=residual_units,
             mask_scale_units=mask_scale_units,
@@ -331,7 +341,7 @@ class SPPNet(nn.Module):
     @property
     def out_channels(self) -> int:
         """Channels of :meth:`forward`'s logits: the mask, then the instance map and the clicked nucleus, or SAM's other candidates."""
-        return 3 if self.multimask_output else 1 + int(self.instance_head is not None) + int(self.click_head)
+        return 3 if self.multimask_output else 1 + instance_channels(self.instance_head) + int(self.click_head)
 
     @property
     def recipe(self) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from .auto_click import AutoClickd, choose_clicks, hematoxylin_mask
 from .image import EnsureRGB, EnsureRGBd
 from .prompt import AddClickGuidanceChannelsd, CenterNeighborhoodPointSampled, nucleus_center
 from .stain import RandHEDJitter, RandHEDJitterd
-from .targets import NucleiInstanceTarget, NucleiInstanceTargetd, normalised_distance
+from .targets import NucleiInstanceTarget, NucleiInstanceTargetd, hover_maps, normalised_distance
 
 __all__ = [
     "AddClickGuidanceChannelsd",
@@ -22,6 +22,7 @@ __all__ = [
     "hematoxylin_mask",
     "NucleiInstanceTarget",
     "NucleiInstanceTargetd",
+    "hover_maps",
     "normalised_distance",
     "RandHEDJitter",
     "RandHEDJitterd",

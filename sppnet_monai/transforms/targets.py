@@ -14,9 +14,9 @@ from skimage.segmentation import find_boundaries
 
 from sppnet_monai.data.instances import INSTANCE_SOURCE_KEY, SEPARATE_NUCLEI_SOURCES
 
-__all__ = ["NucleiInstanceTarget", "NucleiInstanceTargetd", "normalised_distance"]
+from sppnet_monai.networks.sppnet import INSTANCE_HEADS
 
-TARGET_KINDS = ("boundary", "distance")
+__all__ = ["NucleiInstanceTarget", "NucleiInstanceTargetd", "hover_maps", "normalised_distance"]
 
 
 def normalised_distance(labels: np.ndarray) -> np.ndarray:
@@ -34,27 +34,48 @@ def normalised_distance(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-class NucleiInstanceTarget(Transform):
-    """Instance label map ``(1, H, W)`` -> targets ``(3, H, W)``: nuclei mask, instance map, its weight; with a
-    clicked position, ``(4, H, W)``: then the nucleus under the click alone (the click head's target).
+def hover_maps(labels: np.ndarray) -> np.ndarray:
+    """``(2, H, W)`` float32: HoVer-Net's horizontal and vertical maps (Graham et al. 2019), each nucleus pixel's
+    column and row offset from its nucleus's centre of mass, scaled so that each side of the centre spans 0..1 in
+    size (-1 at the nucleus's left or top edge, +1 at its right or bottom edge); 0 outside nuclei. Where two
+    nuclei touch, the maps jump from +1 to -1: the edge the post-processing finds."""
+    out = np.zeros((2, *labels.shape), dtype=np.float32)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        inside = labels[box] == index
+        rows, cols = np.nonzero(inside)
+        for channel, offsets in enumerate((cols - cols.mean(), rows - rows.mean())):
+            # Each side by its own extent, as HoVer-Net does, so an off-centre mass still spans -1..1.
+            low, high = -offsets.min(), offsets.max()
+            scaled = np.where(offsets < 0, offsets / max(low, 1e-6), offsets / max(high, 1e-6))
+            out[channel][box][inside] = scaled.astype(np.float32)
+    return out
 
-    The instance map (what the instance head learns, see ``SPPNet(instance_head=...)``) is:
+
+class NucleiInstanceTarget(Transform):
+    """Instance label map ``(1, H, W)`` -> targets ``(2 + K, H, W)``: nuclei mask, the K instance maps (K = 1, or 2
+    for ``"hv"``), their weight; with a clicked position, ``(3 + K, H, W)``: then the nucleus under the click alone
+    (the click head's target).
+
+    The instance maps (what the instance head learns after its sigmoid, see ``SPPNet(instance_head=...)``) are:
 
     - ``"boundary"``: every nucleus pixel next to another label (:func:`skimage.segmentation.find_boundaries`,
       ``mode="inner"``): its contour, and between two touching nuclei a line two pixels wide;
     - ``"distance"``: :func:`normalised_distance`, 1 at each nucleus's centre, falling to its border, so
-      touching nuclei are two hills with a valley between them.
+      touching nuclei are two hills with a valley between them;
+    - ``"hv"``: :func:`hover_maps` mapped from -1..1 to 0..1 (0.5 outside nuclei), the sigmoid's range.
 
     The weight is 1 where the instance map can be trusted, 0 elsewhere, so a loss learns it only from
     images whose nuclei were outlined one by one.
 
     Args:
-        kind: ``"boundary"`` or ``"distance"``.
+        kind: ``"boundary"``, ``"distance"`` or ``"hv"``.
     """
 
     def __init__(self, kind: str = "distance") -> None:
-        if kind not in TARGET_KINDS:
-            raise ValueError(f"kind must be one of {TARGET_KINDS}, got {kind!r}.")
+        if kind not in INSTANCE_HEADS:
+            raise ValueError(f"kind must be one of {INSTANCE_HEADS}, got {kind!r}.")
         self.kind = kind
 
     def __call__(
@@ -70,11 +91,13 @@ class NucleiInstanceTarget(Transform):
         ids = np.rint(ids).astype(np.int64) if np.issubdtype(ids.dtype, np.floating) else ids.astype(np.int64)
         nuclei = ids > 0
         if self.kind == "boundary":
-            instance_map = (find_boundaries(ids, connectivity=1, mode="inner") & nuclei).astype(np.float32)
+            instance_maps = [(find_boundaries(ids, connectivity=1, mode="inner") & nuclei).astype(np.float32)]
+        elif self.kind == "hv":
+            instance_maps = list((hover_maps(ids) + 1) / 2)
         else:
-            instance_map = normalised_distance(ids)
+            instance_maps = [normalised_distance(ids)]
         weight = np.full(ids.shape, float(separates_nuclei), dtype=np.float32)
-        channels = [nuclei.astype(np.float32), instance_map, weight]
+        channels = [nuclei.astype(np.float32), *instance_maps, weight]
         if clicked:
             clicked_id = ids[int(click[1]), int(click[0])] if click is not None else 0
             channels.append(((ids == clicked_id) & nuclei).astype(np.float32))
@@ -89,8 +112,9 @@ class NucleiInstanceTargetd(MapTransform):
     touching nuclei (``SEPARATE_NUCLEI_SOURCES``); an entry without one counts as separating them.
 
     Args:
-        keys: instance label maps ``(1, H, W)``, replaced by their ``(3, H, W)`` targets (``(4, H, W)`` with ``click_key``).
-        kind: ``"boundary"`` or ``"distance"``.
+        keys: instance label maps ``(1, H, W)``, replaced by their ``(2 + K, H, W)`` targets (``(3 + K, H, W)`` with
+            ``click_key``; K = 2 for ``"hv"``, else 1).
+        kind: ``"boundary"``, ``"distance"`` or ``"hv"``.
         source_key: the datalist key holding the instance source.
         click_key: the positive click list (``[[x, y]]``, as :class:`CenterNeighborhoodPointSampled` writes it) whose
             nucleus is the click head's target; None: no such target.
