@@ -185,12 +185,24 @@ class Predictor:
         flips = [(), (-1,), (-2,), (-2, -1)] if self.flip_tta else [()]
         cache = {} if window_cache is None else {"window_cache": window_cache}
         with self.autocast():
-            total = sum(self._flip(self.inferer(self._flip(batch, dims), self.network, **cache), dims).float() for dims in flips)
+            total = sum(self._unflip(self.inferer(self._flip(batch, dims), self.network, **cache).float(), dims) for dims in flips)
         return total[0] / len(flips)
 
     @staticmethod
     def _flip(tensor: torch.Tensor, dims: tuple) -> torch.Tensor:
         return torch.flip(tensor, dims) if dims else tensor
+
+    def _unflip(self, logits: torch.Tensor, dims: tuple) -> torch.Tensor:
+        """Logits ``(B, C, H, W)`` of a flipped image, flipped back. HoVer-Net's maps are offsets with a sign: a flip
+        along the columns reverses the horizontal map, along the rows the vertical one, so those change sign too
+        (a negated logit is a negated map after ``2 sigmoid - 1``)."""
+        logits = self._flip(logits, dims)
+        if self.instance_head == "hv" and dims:
+            logits = logits.clone()
+            for axis, channel in ((-1, INSTANCE_CHANNEL), (-2, INSTANCE_CHANNEL + 1)):
+                if axis in dims:
+                    logits[:, channel] = -logits[:, channel]
+        return logits
 
     def mask(self, logits: torch.Tensor) -> np.ndarray:
         """Nuclei mask ``(H, W)`` bool from logits ``(C, H, W)``: the bundle's sigmoid + threshold rule on channel 0."""

@@ -17,7 +17,7 @@ from sppnet_monai.networks import INSTANCE_CHANNEL, MASK_CHANNEL, SPPNet, clicke
 from sppnet_monai.networks.checkpoints import load_checkpoint, read_recipe, read_release, save_release
 from sppnet_monai.postprocess import hover_edges, instances_from_head, instances_from_semantic
 from sppnet_monai.predict import DEFAULT_CONFIG, Predictor
-from sppnet_monai.transforms import NucleiInstanceTarget, NucleiInstanceTargetd, RandHEDJitterd
+from sppnet_monai.transforms import NucleiInstanceTarget, NucleiInstanceTargetd, RandHEDJitterd, hover_maps
 from sppnet_monai.utils import SPPNetError
 from sppnet_monai.workflows.datasets import datalist_split
 
@@ -63,6 +63,27 @@ def test_hover_maps_run_from_minus_one_to_one_across_each_nucleus_and_jump_where
     np.testing.assert_array_equal(targets[4], touching_nuclei() == 1)  # the click is on the left nucleus
     edges = hover_edges(targets[1:3])
     assert edges[4:12, 10:12].min() > 0.5 and edges[5:11, 4:9].max() == 0, "an edge where they touch, none inside"
+
+
+def test_hover_maps_treat_each_piece_of_a_mirrored_nucleus_as_a_nucleus():
+    labels = np.zeros((12, 30), dtype=np.int32)
+    labels[3:9, 2:8] = labels[3:9, 22:28] = 1  # one id in two pieces, as reflection padding leaves a border nucleus
+    horizontal = hover_maps(labels)[0]
+    for piece in (np.s_[5, 2:8], np.s_[5, 22:28]):
+        assert horizontal[piece][0] == -1 and horizontal[piece][-1] == 1  # each piece runs from -1 to +1
+
+
+@pytest.mark.parametrize("dims", [(-1,), (-2,), (-2, -1)])
+def test_flip_averaging_flips_the_sign_of_hover_maps_back(dims):
+    """What a network predicts for a flipped image, flipped back by the Predictor, is what it predicts for the image."""
+    from types import SimpleNamespace
+
+    labels = np.zeros((16, 24), dtype=np.int32)
+    labels[2:9, 3:10], labels[7:14, 11:21] = 1, 2
+    as_logits = lambda ids: torch.logit(torch.as_tensor(NucleiInstanceTarget("hv")(ids[None])[:3]).clamp(0.01, 0.99))[None]  # noqa: E731
+    flipped = np.ascontiguousarray(np.flip(labels, tuple(d + 2 for d in dims)))
+    predictor = SimpleNamespace(instance_head="hv", _flip=Predictor._flip)
+    torch.testing.assert_close(Predictor._unflip(predictor, as_logits(flipped), dims), as_logits(labels))
 
 
 def test_instance_target_is_ignored_where_nuclei_come_from_a_binary_mask():

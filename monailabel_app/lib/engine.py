@@ -314,10 +314,14 @@ class ClickSegmenter:
                 window_head = None if clicked_only else predictor.head_map(logits)
                 if window_head is not None:
                     # Windows of several clicks overlap: the union of their masks, the larger head value
-                    # (the union rule of several prompts, applied to the head's maps too).
+                    # (the union rule of several prompts, applied to the head's map too). HoVer-Net's maps are
+                    # signed ramps that a maximum would flatten: there the later window's maps are kept.
                     head_map = np.zeros((*window_head.shape[:-2], height, width), dtype=np.float32) if head_map is None else head_map
                     region = head_map[..., y0 : y0 + h, x0 : x0 + w]
-                    np.maximum(region, window_head, out=region)
+                    if predictor.instance_head == "hv":
+                        region[...] = window_head
+                    else:
+                        np.maximum(region, window_head, out=region)
                 summary.append(
                     {
                         "window": [x0, y0, w, h],

@@ -38,18 +38,22 @@ def hover_maps(labels: np.ndarray) -> np.ndarray:
     """``(2, H, W)`` float32: HoVer-Net's horizontal and vertical maps (Graham et al. 2019), each nucleus pixel's
     column and row offset from its nucleus's centre of mass, scaled so that each side of the centre spans 0..1 in
     size (-1 at the nucleus's left or top edge, +1 at its right or bottom edge); 0 outside nuclei. Where two
-    nuclei touch, the maps jump from +1 to -1: the edge the post-processing finds."""
+    nuclei touch, the maps jump from +1 to -1: the edge the post-processing finds. Each connected piece of a
+    label counts as a nucleus of its own: reflection padding of a rotated or zoomed crop mirrors a nucleus at the
+    border into a second piece with the same id."""
     out = np.zeros((2, *labels.shape), dtype=np.float32)
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
-        inside = labels[box] == index
-        rows, cols = np.nonzero(inside)
-        for channel, offsets in enumerate((cols - cols.mean(), rows - rows.mean())):
-            # Each side by its own extent, as HoVer-Net does, so an off-centre mass still spans -1..1.
-            low, high = -offsets.min(), offsets.max()
-            scaled = np.where(offsets < 0, offsets / max(low, 1e-6), offsets / max(high, 1e-6))
-            out[channel][box][inside] = scaled.astype(np.float32)
+        pieces, count = ndimage.label(labels[box] == index)
+        for piece in range(1, count + 1):
+            inside = pieces == piece
+            rows, cols = np.nonzero(inside)
+            for channel, offsets in enumerate((cols - cols.mean(), rows - rows.mean())):
+                # Each side by its own extent, as HoVer-Net does, so an off-centre mass still spans -1..1.
+                low, high = -offsets.min(), offsets.max()
+                scaled = np.where(offsets < 0, offsets / max(low, 1e-6), offsets / max(high, 1e-6))
+                out[channel][box][inside] = scaled.astype(np.float32)
     return out
 
 
