@@ -66,12 +66,14 @@ class Commands:
         conv_embedding: bool = False,
         eighth_skip: bool = False,
         full_resolution_chans: int | None = None,
+        click_branch_units: int = 0,
     ) -> None:
         """Print parameter count and multiply-accumulates (GMACs) of SPPNet at ``image_size`` as JSON
         (``--mask_stride 1`` for the native-resolution decoder, ``--residual_units 2`` to deepen its pyramid,
         ``--mask_scale_units 2`` its last stage, ``--conv_embedding True`` to continue it to the embedding,
         ``--eighth_skip True`` to pass its 1/8 level to the decoder, ``--full_resolution_chans 32`` to widen its
-        full-resolution level (default: the network's); the heads add no weights but a product each)."""
+        full-resolution level (default: the network's), ``--click_branch_units 2`` to give the click head features of
+        its own; the heads add no weights but a product each)."""
         from sppnet_monai.networks.complexity import network_info
         from sppnet_monai.networks.sppnet import SPPNet
 
@@ -85,6 +87,7 @@ class Commands:
             mask_scale_units=mask_scale_units,
             conv_embedding=conv_embedding,
             eighth_skip=eighth_skip,
+            click_branch_units=click_branch_units,
             **({} if full_resolution_chans is None else {"full_resolution_chans": full_resolution_chans}),
         )
         _report(network_info(net, image_size=image_size))

@@ -211,11 +211,19 @@ def test_native_decoding_is_finer_than_quarter():
     assert change[33] > 2 * change[40]  # the stripe's own column moves most
 
 
-@pytest.mark.parametrize("residual_units, eighth_skip", [(0, False), (2, False), (2, True)])
-def test_eval_paths_agree_with_training_path_native(residual_units, eighth_skip):
+@pytest.mark.parametrize("residual_units, eighth_skip, click_branch_units", [(0, False, 0), (2, False, 0), (2, True, 0), (2, False, 2)])
+def test_eval_paths_agree_with_training_path_native(residual_units, eighth_skip, click_branch_units):
     """encode + cached decode (eval) gives the training forward's masks, also for two positive clicks (two prompts
     against one image's features)."""
-    net = SPPNet(image_size=64, mask_stride=1, click_head=True, residual_units=residual_units, conv_embedding=eighth_skip, eighth_skip=eighth_skip)
+    net = SPPNet(
+        image_size=64,
+        mask_stride=1,
+        click_head=True,
+        residual_units=residual_units,
+        conv_embedding=eighth_skip,
+        eighth_skip=eighth_skip,
+        click_branch_units=click_branch_units,
+    )
     image = _image(2, 64)
     image[1, 3, 40, 10] = 1.0  # the second image: two positive clicks
     net.train()
@@ -260,8 +268,9 @@ def test_mobile_sam_loads_into_native_network(tmp_path):
     reference = mobile_sam.sam_model_registry["vit_t"]()
     path = tmp_path / "mobile_sam.pt"
     torch.save(reference.state_dict(), path)
-    net = SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True)
-    fresh = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("llsie.", "mask_decoder.upscaling_stages", "mask_decoder.hyper_proj", "mask_decoder.guidance_proj"))}
+    net = SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True, click_branch_units=2)
+    new_layers = ("llsie.", "mask_decoder.upscaling_stages", "mask_decoder.hyper_proj", "mask_decoder.guidance_proj", "mask_decoder.click_branch")
+    fresh = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(new_layers)}
     assert load_checkpoint(net, path) == "mobile_sam"
     after = net.state_dict()
     assert fresh and all(torch.equal(v, after[k]) for k, v in fresh.items())  # new layers start fresh
@@ -295,6 +304,45 @@ def test_click_guidance_moves_the_click_head_with_the_click():
         first, second = net(image)[0, 1], net(moved)[0, 1]
     change = (first - second).abs()
     assert change[6:15, 6:15].mean() > 2 * change[25:35, 25:35].mean()  # most where the clicks are (2.3x, random weights)
+
+
+def test_click_branch_is_the_clicked_nucleus_alone(tmp_path):
+    """With click_branch_units the clicked nucleus reads features of its own: the mask learns nothing through the branch,
+    the clicked nucleus does, the click still moves it, and the setting is recorded and checked on loading."""
+    torch.manual_seed(0)
+    net = SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True, click_branch_units=2).train()
+    decoder = net.mask_decoder
+    assert net.recipe["click_branch_units"] == 2 and decoder.guidance_proj[0].in_channels == 2  # both Gaussians
+    assert [unit.conv.unit0.conv.dilation for unit in decoder.click_branch.units] == [(1, 1), (2, 2)]
+    out = net(_image(2, 64))
+    assert out.shape == (2, 3, 64, 64)
+    out[:, 0].mean().backward(retain_graph=True)  # the mask of all nuclei
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in decoder.click_branch.parameters())
+    out[:, net.clicked_channel].mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.click_branch.guidance_proj.parameters())
+    net.eval()
+    image = _image(1, 64, click=(10, 10))
+    moved = image.clone()
+    moved[0, 3] = 0
+    moved[0, 3, 50, 50] = 1.0
+    with torch.no_grad():
+        change = (net(image)[0, 2] - net(moved)[0, 2]).abs()
+    assert change[6:15, 6:15].mean() > 2 * change[25:35, 25:35].mean()
+    path = tmp_path / "branch.pt"
+    torch.save(net.state_dict(), path)
+    with pytest.raises(ValueError, match="click_branch_units 2"):
+        load_checkpoint(SPPNet(image_size=64, mask_stride=1, instance_head="distance", click_head=True), path)
+    with pytest.raises(ValueError, match="click_branch_units"):
+        SPPNet(image_size=64, mask_stride=1, click_branch_units=2)  # no click head to give features to
+
+
+def test_click_branch_guidance_has_a_narrow_and_a_wide_gaussian():
+    from sppnet_monai.networks.sppnet import CLICK_BRANCH_SIGMAS, click_guidance_map
+
+    guidance = click_guidance_map(torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]]), 64, 64, CLICK_BRANCH_SIGMAS)
+    assert guidance.shape == (1, 2, 64, 64) and guidance[0, :, 30, 20].tolist() == [1.0, 1.0]
+    narrow, wide = guidance[0, :, 30, 32]  # 12 pixels right of the click: a large nucleus's radius
+    assert narrow < 0.02 and wide == pytest.approx(float(np.exp(-0.5)), abs=1e-4)
 
 
 def _touching_pair() -> np.ndarray:

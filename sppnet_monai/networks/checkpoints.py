@@ -55,7 +55,7 @@ _MOBILE_SAM_ENCODER_RULES: List[Tuple[str, Callable[[re.Match], str] | str]] = [
 # Keys of MobileSAM's TinyViT that SAM's layout never uses.
 _MOBILE_SAM_UNUSED = re.compile(r"^image_encoder\.(norm_head|head)\.")
 # Keys only SPPNet has: a MobileSAM or SAM checkpoint leaves them at their initial values.
-_SPPNET_ONLY = re.compile(r"^(llsie\.|conv_embedding\.|mask_decoder\.(fusion_proj|upscaling_stages|hyper_proj|guidance_proj)\.)")
+_SPPNET_ONLY = re.compile(r"^(llsie\.|conv_embedding\.|mask_decoder\.(fusion_proj|upscaling_stages|hyper_proj|guidance_proj|click_branch)\.)")
 _SAM_PARTS = ("prompt_encoder.", "mask_decoder.")
 
 

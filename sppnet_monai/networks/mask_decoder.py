@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sppnet_monai.networks.cached_decoding import CachedImageTokens, cache_image_tokens, two_way_transformer
-from sppnet_monai.networks.native_decoder import FULL_RESOLUTION_CHANS, UpscalingStage, pyramid_chans
+from sppnet_monai.networks.native_decoder import FULL_RESOLUTION_CHANS, ClickBranch, UpscalingStage, pyramid_chans
 
 # LLSIE features: one tensor at the decoder's 1/4 resolution, or a tuple finest first ending at 1/4 (LLSIEPyramid).
 LowLevelFeatures = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -52,7 +52,11 @@ class SPPMaskDecoder(MaskDecoder):
       ``low_level_features`` is a tuple, finest first, ending with the one at 4h), each stage but the
       last ending with ``residual_units`` of MONAI's residual units, the last with ``mask_scale_units``;
     - with ``eighth_skip``, ``low_level_features`` ends with a feature at 2h (SPPNet's conv embedding, transformer_dim
-      / 4 channels), added to SAM's output upscaling after its first transposed convolution and norm.
+      / 4 channels), added to SAM's output upscaling after its first transposed convolution and norm;
+    - with ``click_guidance``, the last extra output is the clicked nucleus: the positive clicks' map joins the
+      embedding at every scale (``guidance_proj``); with ``click_branch_units`` the clicked nucleus's token reads
+      features of its own, that embedding plus the map again through a few residual units
+      (:class:`~sppnet_monai.networks.native_decoder.ClickBranch`, keys ``click_branch.*``).
 
     For many prompts on one image, :meth:`cache_image` does the transformer's per-image work once;
     passed as ``image_cache``, it stands for the image embedding, positional encoding (which may then
@@ -71,6 +75,8 @@ class SPPMaskDecoder(MaskDecoder):
         eighth_skip: bool = False,
         full_resolution_chans: int = FULL_RESOLUTION_CHANS,
         click_guidance: bool = False,
+        click_branch_units: int = 0,
+        guidance_chans: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -96,7 +102,10 @@ class SPPMaskDecoder(MaskDecoder):
         # Click guidance (NuClick's idea, for the click head): a map of the prompt's positive clicks joins the
         # embedding at every scale from 1/4 up, through a 1x1 convolution per scale. The two-way transformer
         # sees clicks only as tokens at 1/16, too coarse to tell one small nucleus from its neighbour.
-        self.guidance_proj = nn.ModuleList(nn.Conv2d(1, c, kernel_size=1) for c in chans) if click_guidance else None
+        self.guidance_proj = nn.ModuleList(nn.Conv2d(guidance_chans, c, kernel_size=1) for c in chans) if click_guidance else None
+        if click_branch_units and not (click_guidance and extra_outputs):
+            raise ValueError("click_branch_units give the clicked nucleus its own features: they need click_guidance and an extra output for it.")
+        self.click_branch = ClickBranch(chans[-1], guidance_chans, click_branch_units) if click_branch_units else None
 
     def forward(
         self,
@@ -170,6 +179,13 @@ class SPPMaskDecoder(MaskDecoder):
             hyper_in = self.hyper_proj(hyper_in)
         b, c, h, w = upscaled_embedding.shape
         masks = (hyper_in @ upscaled_embedding.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        if self.click_branch is not None:
+            if click_guidance is None:
+                raise ValueError("this decoder has a click branch: it needs the positive clicks' map (click_guidance).")
+            clicked = self.extra_outputs  # the last extra output's token
+            features = self.click_branch(upscaled_embedding, _resize_guidance(click_guidance, w))
+            clicked_mask = (hyper_in[:, clicked : clicked + 1] @ features.reshape(b, c, h * w)).reshape(b, 1, h, w)
+            masks = torch.cat((masks[:, :clicked], clicked_mask, masks[:, clicked + 1 :]), dim=1)
         return masks, self.iou_prediction_head(iou_token_out)
 
     def cache_image(
@@ -203,6 +219,10 @@ class SPPMaskDecoder(MaskDecoder):
             return embedding
         if guidance is None:
             raise ValueError("this decoder has click guidance: it needs the positive clicks' map (click_guidance).")
-        factor = guidance.shape[-1] // embedding.shape[-1]
-        resized = F.max_pool2d(guidance, factor) if factor > 1 else guidance
-        return embedding + self.guidance_proj[scale](resized.to(embedding.dtype))
+        return embedding + self.guidance_proj[scale](_resize_guidance(guidance, embedding.shape[-1]).to(embedding.dtype))
+
+
+def _resize_guidance(guidance: torch.Tensor, size: int) -> torch.Tensor:
+    """The click guidance ``(P, G, S, S)`` at ``size`` (S a multiple of it), a click's peak kept by max pooling."""
+    factor = guidance.shape[-1] // size
+    return F.max_pool2d(guidance, factor) if factor > 1 else guidance

@@ -18,6 +18,7 @@ from torch import nn
 from sppnet_monai.networks.llsie import LLSIE
 
 __all__ = [
+    "ClickBranch",
     "ConvEmbedding",
     "FULL_RESOLUTION_CHANS",
     "LLSIEPyramid",
@@ -145,3 +146,29 @@ class ConvEmbedding(nn.Module):
         """The 1/8 features and the 1/16 embedding of ``x``."""
         eighth = self.down[0](x)
         return eighth, self.proj(self.down[1](eighth))
+
+
+class ClickBranch(nn.Module):
+    """The click head's own features at the masks' scale: the decoder's embedding plus the positive clicks' guidance
+    maps (1x1 convolution), then ``units`` residual units with dilations 1, 2, 4, ...
+
+    The clicked nucleus's token reads these instead of the embedding that the mask and instance tokens share, so
+    what the click head learns is not all taken from those features (a heavier click loss on them cost the mask
+    0.022 Dice, bundle README "0.9.2"). The dilations let a click reach across a large nucleus (receptive field 13
+    pixels with 2 units, 29 with 3).
+
+    Shapes:
+        embedding ``(P, C, H, W)`` and guidance ``(P, G, H, W)`` -> ``(P, C, H, W)``.
+    """
+
+    def __init__(self, chans: int, guidance_chans: int, units: int) -> None:
+        super().__init__()
+        if units < 1:
+            raise ValueError(f"a click branch needs at least 1 residual unit, got {units!r}.")
+        self.guidance_proj = nn.Conv2d(guidance_chans, chans, kernel_size=1)
+        self.units = nn.Sequential(
+            *(ResidualUnit(2, chans, chans, subunits=2, act="RELU", norm="BATCH", dilation=2**k) for k in range(units))
+        )
+
+    def forward(self, embedding: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        return self.units(embedding + self.guidance_proj(guidance.to(embedding.dtype)))

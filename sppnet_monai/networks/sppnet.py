@@ -8,7 +8,7 @@ Coordinates of clicks are ``(x, y) = (column, row)`` in pixels of the input imag
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +57,9 @@ def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 # What a trained network's shape or meaning depends on: saved with its weights (see SPPNet.recipe).
-RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head", "mask_stride", "click_head", "residual_units", "mask_scale_units", "conv_embedding", "eighth_skip", "full_resolution_chans")
+RECIPE_KEYS = ("image_size", "fusion", "encoder_name", "embed_dim", "instance_head", "mask_stride", "click_head", "residual_units", "mask_scale_units", "conv_embedding", "eighth_skip", "full_resolution_chans", "click_branch_units")
 # What a checkpoint saved before a recipe key existed was built with (its absence means this value).
-RECIPE_DEFAULTS = {"fusion": "add", "instance_head": None, "mask_stride": 4, "click_head": False, "residual_units": 0, "mask_scale_units": 0, "conv_embedding": False, "eighth_skip": False, "full_resolution_chans": FULL_RESOLUTION_CHANS}
+RECIPE_DEFAULTS = {"fusion": "add", "instance_head": None, "mask_stride": 4, "click_head": False, "residual_units": 0, "mask_scale_units": 0, "conv_embedding": False, "eighth_skip": False, "full_resolution_chans": FULL_RESOLUTION_CHANS, "click_branch_units": 0}
 
 # What the instance head predicts (see SPPNet): nucleus contours, each nucleus's normalised distance map, or
 # HoVer-Net's horizontal and vertical maps; and how many output channels (spare mask tokens) each takes.
@@ -204,6 +204,10 @@ class SPPNet(nn.Module):
         full_resolution_chans: with ``mask_stride`` 1, the channels of the full-resolution level (LLSIE, the last
             upscaling stage and its units, the hypernetwork product); the U-Net baseline has 32 there. 16: as
             before 0.8.1.
+        click_branch_units: with ``click_head``, the clicked nucleus's token reads features of its own at the masks'
+            scale (:class:`~sppnet_monai.networks.native_decoder.ClickBranch`: this many dilated residual units on the
+            shared embedding plus the click guidance) instead of the embedding the mask and instance head read; the
+            guidance map has a second, wider Gaussian (:data:`CLICK_BRANCH_SIGMAS`). 0: as before 0.9.3.
     """
 
     in_channels = 5
@@ -224,6 +228,7 @@ class SPPNet(nn.Module):
         conv_embedding: bool = False,
         eighth_skip: bool = False,
         full_resolution_chans: int = FULL_RESOLUTION_CHANS,
+        click_branch_units: int = 0,
     ) -> None:
         super().__init__()
         check_image_size(image_size)
@@ -246,6 +251,10 @@ class SPPNet(nn.Module):
             raise SPPNetError(f"full_resolution_chans sets the full-resolution level: it needs mask_stride 1, got {mask_stride!r}.")
         if full_resolution_chans < 1:
             raise SPPNetError(f"full_resolution_chans must be at least 1, got {full_resolution_chans!r}.")
+        if click_branch_units and not click_head:
+            raise SPPNetError(f"click_branch_units give the click head features of its own: they need click_head True, got {click_branch_units!r} units without it.")
+        if click_branch_units < 0:
+            raise SPPNetError(f"click_branch_units must be 0 or more, got {click_branch_units!r}.")
         if mask_scale_units and not stages:
             raise SPPNetError(f"mask_scale_units follow the last upscaling stage: they need mask_stride 1 or 2, got {mask_stride!r}.")
         stride = TinyViTImageEncoder.stride
@@ -264,6 +273,7 @@ class SPPNet(nn.Module):
             "conv_embedding": bool(conv_embedding),
             "eighth_skip": bool(eighth_skip),
             "full_resolution_chans": int(full_resolution_chans),
+            "click_branch_units": int(click_branch_units),
         }
         self.loaded_recipe: Optional[Dict[str, Any]] = None
         embedding_size = image_size // stride
@@ -283,6 +293,8 @@ class SPPNet(nn.Module):
             eighth_skip=bool(eighth_skip),
             full_resolution_chans=int(full_resolution_chans),
             click_guidance=bool(click_head),
+            click_branch_units=int(click_branch_units),
+            guidance_chans=len(self._guidance_sigmas()),
             transformer_dim=embed_dim,
             transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
             num_multimask_outputs=3,
@@ -316,6 +328,10 @@ class SPPNet(nn.Module):
         self.image_encoder.fuse_for_inference()
         self.to(memory_format=torch.channels_last)
         return self
+
+    def _guidance_sigmas(self) -> Tuple[float, ...]:
+        """Spreads of the click guidance map's channels: a click branch reads a wider one beside the narrow one."""
+        return CLICK_BRANCH_SIGMAS if self._recipe["click_branch_units"] else (CLICK_GUIDANCE_SIGMA,)
 
     @property
     def fusion(self) -> str:
@@ -467,7 +483,9 @@ class SPPNet(nn.Module):
         sparse, dense = self.prompt_encoder(points=(point_coords.float(), point_labels), boxes=None, masks=None)
         cache = features.decoder_cache
         image_pe = self.prompt_encoder.get_dense_pe() if cache is None else None  # the cache holds it
-        guidance = click_guidance_map(point_coords, point_labels, self.mask_size, self.image_size) if self.click_head else None
+        guidance = (
+            click_guidance_map(point_coords, point_labels, self.mask_size, self.image_size, self._guidance_sigmas()) if self.click_head else None
+        )
         low_res_masks, iou_predictions = self.mask_decoder(
             features.embeddings, image_pe, sparse, dense, multimask, features.low_level, cache, guidance
         )
@@ -480,19 +498,25 @@ class SPPNet(nn.Module):
 
 # Spread (input pixels) of each positive click in the click head's guidance map: about a small nucleus's radius.
 CLICK_GUIDANCE_SIGMA = 4.0
+# A click branch's guidance: the narrow Gaussian that places the click, and one about a large nucleus's radius that
+# reaches every pixel of the nucleus under it.
+CLICK_BRANCH_SIGMAS: Tuple[float, ...] = (CLICK_GUIDANCE_SIGMA, 3 * CLICK_GUIDANCE_SIGMA)
 
 
-def click_guidance_map(point_coords: torch.Tensor, point_labels: torch.Tensor, size: int, image_size: int) -> torch.Tensor:
-    """``(P, 1, size, size)``: for each prompt, a Gaussian of ``CLICK_GUIDANCE_SIGMA`` input pixels around each of its
-    positive clicks (their maximum), at the decoder's mask resolution ``size`` of an ``image_size`` input."""
+def click_guidance_map(
+    point_coords: torch.Tensor, point_labels: torch.Tensor, size: int, image_size: int, sigmas: Sequence[float] = (CLICK_GUIDANCE_SIGMA,)
+) -> torch.Tensor:
+    """``(P, len(sigmas), size, size)``: for each prompt and each spread in ``sigmas`` (input pixels), a Gaussian around each
+    of its positive clicks (their maximum), at the decoder's mask resolution ``size`` of an ``image_size`` input."""
     scale = size / image_size
     centres = (point_coords.float() + 0.5) * scale - 0.5  # pixel centres sit at integer coordinates
     grid = torch.arange(size, device=point_coords.device, dtype=torch.float32)
     dx = grid[None, None, None, :] - centres[..., 0, None, None]  # (P, N, 1, size)
     dy = grid[None, None, :, None] - centres[..., 1, None, None]  # (P, N, size, 1)
-    sigma = CLICK_GUIDANCE_SIGMA * scale
-    gaussians = torch.exp(-(dx**2 + dy**2) / (2 * sigma**2)) * (point_labels == POSITIVE)[..., None, None]
-    return gaussians.amax(dim=1, keepdim=True)
+    squared = dx**2 + dy**2
+    positive = (point_labels == POSITIVE)[..., None, None]
+    maps = [(torch.exp(-squared / (2 * (sigma * scale) ** 2)) * positive).amax(dim=1) for sigma in sigmas]
+    return torch.stack(maps, dim=1)
 
 
 def check_image_size(image_size: int) -> int:
