@@ -47,15 +47,16 @@ def _conv_relu_bn(in_chans: int, out_chans: int, stride: int = 1) -> nn.Sequenti
     return nn.Sequential(nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(out_chans))
 
 
-def residual_stack(chans: int, count: int) -> nn.Module:
+def residual_stack(chans: int, count: int, dilated: bool = False) -> nn.Module:
     """``count`` of MONAI's residual units (two 3x3 convolutions, batch norm, ReLU) on ``chans`` channels; identity for 0.
+    With ``dilated`` the k-th unit's convolutions have dilation ``2**k``.
 
     They give the convolutional path the depth of a U-Net level: SAM's tokens bring the context, these the
     receptive field of a nucleus and its border at each scale (LLSIE alone sees 5x5 pixels).
     """
     if count < 0:
         raise ValueError(f"residual_units must be 0 or more, got {count!r}.")
-    units = [ResidualUnit(2, chans, chans, subunits=2, act="RELU", norm="BATCH") for _ in range(count)]
+    units = [ResidualUnit(2, chans, chans, subunits=2, act="RELU", norm="BATCH", dilation=2**k if dilated else 1) for k in range(count)]
     return nn.Sequential(*units) if units else nn.Identity()
 
 
@@ -166,9 +167,7 @@ class ClickBranch(nn.Module):
         if units < 1:
             raise ValueError(f"a click branch needs at least 1 residual unit, got {units!r}.")
         self.guidance_proj = nn.Conv2d(guidance_chans, chans, kernel_size=1)
-        self.units = nn.Sequential(
-            *(ResidualUnit(2, chans, chans, subunits=2, act="RELU", norm="BATCH", dilation=2**k) for k in range(units))
-        )
+        self.units = residual_stack(chans, units, dilated=True)
 
     def forward(self, embedding: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         return self.units(embedding + self.guidance_proj(guidance.to(embedding.dtype)))
