@@ -191,8 +191,11 @@ def test_inference_workflow_writes_masks(trained, dataset, tmp_path):
 
 def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
     config = [str(CONFIGS / "inference.json")]
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config, n=1, any=1, image_size=1024, bundle_root=str(trained),
-                      checkpoint=str(trained / "models" / "model.pt"))
+    # metadata.json's network_data_format describes the shipped model: its window, its 3 output channels
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config, n=1, any=1, bundle_root=str(REPO / "bundle"))
+    with pytest.raises(ValueError, match="output channel number `1` doesn't match: `3`"):
+        verify_net_in_out(net_id="network_def", meta_file=META, config_file=config, n=1, any=1, image_size=256, bundle_root=str(trained),
+                          checkpoint=str(trained / "models" / "model.pt"))  # the demo's network: the mask alone
     ts_path = tmp_path / "model.ts"
     ckpt_export(
         net_id="network_def", filepath=str(ts_path), ckpt_file=str(trained / "models" / "model.pt"),
