@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +36,7 @@ def running_server(workdir: Path, studies: Path, bundle: Path, timeout: float = 
         "--conf", "bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port),
     ]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir), start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + timeout
@@ -51,12 +53,23 @@ def running_server(workdir: Path, studies: Path, bundle: Path, timeout: float = 
                 time.sleep(1)
             yield url, proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop ``proc``, started with ``start_new_session=True``, and every process of its group: the training
+    subprocesses a MONAI Label server starts, or the server a ``shell=True`` command line starts, which
+    ``proc.terminate()`` alone would leave running."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # children that outlive the group's leader
 
 
 def rss_kib(pid: int) -> int:

@@ -22,7 +22,7 @@ requests = pytest.importorskip("requests")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "monailabel_app"))
-from serve import free_port  # noqa: E402
+from serve import free_port, stop_process_group  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MARKER = "Every line runs on a fresh clone:"
@@ -51,7 +51,7 @@ def test_the_readme_monailabel_recipe_runs_verbatim_on_a_fresh_clone(tmp_path):
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
     subprocess.run(lines[0], shell=True, cwd=clone, env=env, check=True, capture_output=True)
     with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen(server_line, shell=True, cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(server_line, shell=True, cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             for _ in range(180):
                 try:
@@ -67,6 +67,5 @@ def test_the_readme_monailabel_recipe_runs_verbatim_on_a_fresh_clone(tmp_path):
                 for answer in filter(None, re.split(r"(?<=\})(?=\{)", done.stdout.strip())):
                     assert "detail" not in json.loads(answer), (line, answer)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_process_group(server)
     assert (clone / "bundle" / "models").is_dir()
