@@ -60,16 +60,13 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
     """Stop ``proc``, started with ``start_new_session=True``, and every process of its group: the training
     subprocesses a MONAI Label server starts, or the server a ``shell=True`` command line starts, which
     ``proc.terminate()`` alone would leave running."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=timeout)
-            break
-        except subprocess.TimeoutExpired:
-            continue
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # children that outlive the group's leader
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # a leader that ignored SIGTERM, and children that outlive it
+    proc.wait()
 
 
 def rss_kib(pid: int) -> int:

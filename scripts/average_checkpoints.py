@@ -7,15 +7,15 @@ Usage:
     python scripts/average_checkpoints.py OUT.pt PREPARED_DIR CHECKPOINT.pt [CHECKPOINT.pt ...] [--key value ...]
 
 The training crops are those of ``train.json`` + ``cpu_recipe.json`` + ``native_cpu.json`` with the overrides
-(``--full_resolution_chans 32``), the recipe settings of the run the checkpoints come from. A training checkpoint
+(``--full_resolution_chans 32``, typed by ``fire`` as the package's CLI is), the recipe settings of the run the
+checkpoints come from. A training checkpoint
 is read through its weight average where it has one (``load_checkpoint``). ``update_bn`` takes a loader of tensors,
 not MONAI's dictionaries, so its few lines are written out here.
 """
 
-import ast
 import os
-import sys
 
+import fire
 import torch
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
@@ -25,22 +25,12 @@ from sppnet_monai.networks.checkpoints import load_checkpoint
 CONFIGS = ["bundle/configs/train.json", "bundle/configs/cpu_recipe.json", "bundle/configs/native_cpu.json"]
 
 
-def _overrides(args: list) -> dict:
-    if len(args) % 2:
-        raise SystemExit(f"overrides come in --key value pairs, got {args}")
-    pairs = zip(args[::2], args[1::2])
-    return {key.lstrip("-"): ast.literal_eval(value) if value[:1] in "0123456789[{-" or value in ("True", "False") else value for key, value in pairs}
-
-
-def main() -> None:
-    args = sys.argv[1:]
-    first_flag = next((i for i, arg in enumerate(args) if arg.startswith("--")), len(args))
-    out, dataset_dir, *checkpoints = args[:first_flag]
+def main(out: str, dataset_dir: str, *checkpoints: str, **overrides: object) -> None:
     if not checkpoints:
         raise SystemExit(__doc__)
     parser = ConfigParser()
     parser.read_config(CONFIGS)
-    parser.update({"dataset_dir": dataset_dir, **_overrides(args[first_flag:])})
+    parser.update({"dataset_dir": dataset_dir, **overrides})
     set_determinism(0)
     network = parser.get_parsed_content("network_def")
     states = []
@@ -65,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main)
